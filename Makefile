@@ -1,0 +1,37 @@
+# `make demo` trains the default experiment and writes its report; `make test` runs the
+# tests. Each creates .venv when missing and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+.PHONY: demo test lint bench clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(BIN)/t2i train --config experiments/diffusion_shapes.py:demo --workdir $(WORKDIR)
+	@echo "Report: $(WORKDIR)/report.md"
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check t2i_jax tests experiments benchmarks
+	$(BIN)/ruff format --check t2i_jax tests experiments benchmarks
+
+bench: $(VENV)/.installed-base
+	$(BIN)/python benchmarks/train_step.py
+
+clean-demo:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,145 @@
+"""`t2i` command line: train | sample | data.
+
+  t2i train --config experiments/diffusion_shapes.py:demo --workdir runs/demo \
+      [--config.KEY=VALUE ...]
+  t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
+      [--guidance 3] [--steps 50] [--sampler ddim] --out samples.png
+  t2i data prepare t2i_shapes [--data-dir data] [--variant default] [--vocab-size 128]
+
+Bad input (unknown config key, wrong type, missing workdir or file, corrupt checkpoint)
+prints one line, `t2i: error: ...`, and exits with status 2. A run stopped by SIGTERM
+saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same command again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from t2i_jax.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise UserError(f"{arg} needs a value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="t2i_jax: text-to-image in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a run")
+    train.add_argument("--config", required=True, help="experiment file.py[:variant]")
+    train.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sample = sub.add_parser("sample", help="sample a grid of images from a run")
+    sample.add_argument("--workdir", required=True)
+    sample.add_argument("--prompt", action="append", required=True, help="repeatable")
+    sample.add_argument("--num", type=int, default=4, help="images per prompt")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--guidance", type=float, default=None)
+    sample.add_argument("--steps", type=int, default=None)
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    sample.add_argument("--eta", type=float, default=None)
+    sample.add_argument("--out", required=True, help="output PNG")
+
+    data = sub.add_parser("data", help="data set commands")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="build a data set and its tokenizer")
+    prepare.add_argument("name")
+    prepare.add_argument("--data-dir", default="data")
+    prepare.add_argument("--variant", default="default")
+    prepare.add_argument("--vocab-size", type=int, default=128)
+    return parser
+
+
+def _train(args, overrides: list[str]) -> int:
+    from t2i_jax import config as config_lib
+    from t2i_jax.train.loop import Preempted, train_and_evaluate
+
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    config_lib.validate(config)
+    try:
+        train_and_evaluate(config, args.workdir, show_progress=not args.no_progress)
+    except Preempted as e:
+        print(f"t2i: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"report: {args.workdir.rstrip('/')}/report.md")
+    return 0
+
+
+def _sample(args) -> int:
+    import jax
+
+    from t2i_jax.eval.grid import save_grid
+    from t2i_jax.eval.sample import load_run, make_sampler, sample_images
+
+    if args.num < 1:
+        raise UserError(f"--num must be at least 1, got {args.num}")
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("--prompt must not be empty")
+    config, tokenizer, method, state = load_run(args.workdir)
+    options = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps),
+                                 ("sampler", args.sampler), ("eta", args.eta)) if v is not None}
+    images = sample_images(make_sampler(method, **options), state.ema_params, tokenizer,
+                           args.prompt, per_prompt=args.num, rng=jax.random.key(args.seed),
+                           max_len=config.text.max_len)
+    save_grid(args.out, images, args.prompt)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _data(args) -> int:
+    from t2i_jax.data import sources
+
+    builder = sources.prepare(args.name, args.data_dir, args.variant)
+    tokenizer = sources.prepare_tokenizer(builder, args.vocab_size)
+    splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
+    print(f"{args.name} ({args.variant}) in {builder.data_dir}: {splits}; "
+          f"tokenizer vocab {tokenizer.vocab_size}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = _split_config_overrides(argv)
+        args = _parser().parse_args(rest)
+        if overrides and args.command != "train":
+            raise UserError(f"--config.* overrides apply to `t2i train` only: {overrides[0]}")
+        if args.command == "train":
+            return _train(args, overrides)
+        if args.command == "sample":
+            return _sample(args)
+        return _data(args)
+    except UserError as e:
+        print(f"t2i: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

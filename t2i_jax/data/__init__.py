@@ -1,0 +1,1 @@
+"""Datasets: built-in TFDS builders, adapters and the input pipeline."""

@@ -1,0 +1,74 @@
+"""Opening a registered data set: prepare its TFDS files once, then random access.
+
+A data set is a TFDS builder writing array_record files (no TensorFlow needed). The
+SentencePiece tokenizer is trained on its training captions at prepare time and kept
+beside the data, keyed by vocabulary size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from t2i_jax import registry
+from t2i_jax.errors import DataError
+from t2i_jax.text.tokenizer import Tokenizer, train_tokenizer
+
+
+def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
+    """Returns the caption as str; a non-UTF-8 or empty caption is the data's error."""
+    if isinstance(raw, np.ndarray):
+        raw = raw.item()
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"caption is not valid UTF-8 at {where}: {e}") from None
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataError(f"empty caption at {where}")
+    return raw
+
+
+def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
+    builder_cls = registry.get(registry.DATASETS, name, "data.name")
+    try:
+        return builder_cls(data_dir=os.path.expanduser(data_dir), config=variant,
+                           file_format="array_record")
+    except ValueError as e:  # TFDS raises ValueError for an unknown builder config.
+        raise DataError(f"data set {name}: {e}") from None
+
+
+def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
+    """Builds the data set on first use (on process 0) and returns its builder."""
+    builder = load_builder(name, data_dir, variant)
+    if jax.process_index() == 0 and not builder.is_prepared():
+        tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False,  # Built-in sets are made here; never reach out.
+        ))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"prepare {name}")
+    return load_builder(name, data_dir, variant)
+
+
+def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
+    source = builder.as_data_source("train")
+    return [decode_caption(source[i]["caption"], f"{builder.name} train[{i}]")
+            for i in range(len(source))]
+
+
+def prepare_tokenizer(builder: tfds.core.DatasetBuilder, vocab_size: int) -> Tokenizer:
+    """Trains (once) and loads the SentencePiece model of this data set and vocab size."""
+    path = os.path.join(builder.data_dir, f"spm_vocab{vocab_size}.model")
+    if jax.process_index() == 0 and not os.path.isfile(path):
+        train_tokenizer(training_captions(builder), vocab_size).save(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"tokenizer {path}")
+    return Tokenizer.load(path)

@@ -1,0 +1,1 @@
+"""Evaluating runs: sampling from a workdir, sample grids and reports."""

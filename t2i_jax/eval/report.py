@@ -1,0 +1,63 @@
+"""`report.md` of a run: the latest sample grid, the loss curve and the run's facts."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # Headless: reports are written on clusters without a display.
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+
+from t2i_jax.train.logging import read_metrics  # noqa: E402
+
+
+def plot_metric(records: list[dict], name: str, path: str) -> bool:
+    points = [(r["step"], r[name]) for r in records if name in r]
+    if not points:
+        return False
+    steps, values = zip(*points, strict=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, values, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.set_title(f"training {name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(workdir: str, config: ml_collections.ConfigDict, *, final_step: int,
+                 grid_path: str, prompts: list[str]) -> str:
+    """Writes `workdir/report.md` and returns its path."""
+    records = read_metrics(workdir)
+    has_plot = plot_metric(records, "loss", os.path.join(workdir, "loss.png"))
+    last = records[-1] if records else {}
+    lines = [
+        f"# Run report: {os.path.basename(os.path.abspath(workdir))}",
+        "",
+        f"- method: `{config.method}`, data: `{config.data.name}` ({config.data.variant}), "
+        f"text encoder: `{config.text.encoder}`",
+        f"- seed: {config.seed}, steps: {final_step}, global batch: {config.train.batch_size}",
+        "- final logged metrics: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"),
+        "",
+        f"## Samples at step {final_step}",
+        "",
+        "One column per prompt, its caption under the column; sampled from the EMA "
+        "parameters with the run's fixed sample seed.",
+        "",
+        f"![samples]({os.path.relpath(grid_path, workdir)})",
+        "",
+        "Prompts: " + "; ".join(f"`{p}`" for p in prompts),
+        "",
+    ]
+    if has_plot:
+        lines += ["## Loss", "", "![loss](loss.png)", ""]
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

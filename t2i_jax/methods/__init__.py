@@ -1,0 +1,1 @@
+"""Generative families plugged into the generic trainer through `methods.base.Method`."""

@@ -1,0 +1,165 @@
+"""Text-conditional denoising diffusion (DDPM / DDIM) with classifier-free guidance.
+
+Networks: a text encoder (from the registry) and a UNet, trained jointly on the
+denoising loss ||f(x_t, t, text) - target||^2 with eps- or v-prediction. Captions are
+dropped (replaced by the empty caption) with probability `diffusion.p_uncond`, so one
+network gives both the conditional and the unconditional prediction that guidance needs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from t2i_jax import registry
+from t2i_jax.methods import samplers, schedules
+from t2i_jax.methods.base import TrainState, ema_update
+from t2i_jax.nets.unet import UNet
+from t2i_jax.text.features import TextFeatures
+from t2i_jax.text.tokenizer import EOS_ID, PAD_ID
+from t2i_jax.train.optim import make_optimizer
+
+
+def null_text(batch_size: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+    """The empty caption: EOS then padding (what the tokenizer gives for "")."""
+    tokens = jnp.full((batch_size, max_len), PAD_ID, jnp.int32).at[:, 0].set(EOS_ID)
+    return tokens, tokens != PAD_ID
+
+
+def drop_captions(rng: jax.Array, tokens: jax.Array, mask: jax.Array, p: float
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Replaces each caption by the empty one with probability p."""
+    drop = jax.random.bernoulli(rng, p, (tokens.shape[0],))[:, None]
+    null_tokens, null_mask = null_text(*tokens.shape)
+    return jnp.where(drop, null_tokens, tokens), jnp.where(drop, null_mask, mask)
+
+
+class Diffusion:
+    """The diffusion family behind the `Method` protocol."""
+
+    def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
+        self.config = config
+        self.dc = config.diffusion
+        self.text_encoder = registry.build_text_encoder(config.text, vocab_size)
+        self.unet = UNet(**config.model.to_dict())
+        self.optimizer = make_optimizer(config.optim, config.train.steps)
+        self.alpha_bar = jnp.asarray(
+            schedules.alphas_cumprod(self.dc.schedule, self.dc.timesteps), jnp.float32
+        )
+        schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, self.dc.prediction)  # validate
+
+    # -- networks ------------------------------------------------------------------
+    def _encode(self, params, tokens, mask, *, train=False, rng=None) -> TextFeatures:
+        rngs = {"dropout": rng} if rng is not None else None
+        feats = self.text_encoder.apply(
+            {"params": params["text_encoder"]}, tokens, mask, train=train, rngs=rngs
+        )
+        if feats.seq is None:  # Pooled-only encoders give cross-attention one token.
+            feats = feats.replace(seq=feats.pooled[:, None, :],
+                                  mask=jnp.ones((tokens.shape[0], 1), bool))
+        return feats
+
+    def _denoise(self, params, x_t, t, feats: TextFeatures, *, train=False, rng=None):
+        rngs = {"dropout": rng} if rng is not None else None
+        return self.unet.apply(
+            {"params": params["unet"]}, x_t, t.astype(jnp.float32), feats.seq, feats.mask,
+            feats.pooled, train=train, rngs=rngs,
+        )
+
+    # -- Method protocol -----------------------------------------------------------
+    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+        k_text, k_unet = jax.random.split(rng)
+        tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
+        text_params = self.text_encoder.init(k_text, tokens, mask, train=False)["params"]
+        feats = self._encode({"text_encoder": text_params}, tokens, mask)
+        t = jnp.zeros((image.shape[0],), jnp.float32)
+        unet_params = self.unet.init(
+            k_unet, image, t, feats.seq, feats.mask, feats.pooled, train=False
+        )["params"]
+        params = {"model": {"text_encoder": text_params, "unet": unet_params}}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state={"model": self.optimizer.init(params["model"])},
+        )
+
+    def loss_terms(self, params, batch: dict, rng: jax.Array, *, train: bool = True
+                   ) -> jax.Array:
+        """Per-example denoising loss (mean over pixels), vdm style: the caller reduces."""
+        k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
+        x0 = batch["image"]
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.dc.timesteps)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        tokens, mask = drop_captions(k_drop, batch["tokens"], batch["mask"], self.dc.p_uncond)
+        k_text, k_unet = jax.random.split(k_dropout)
+        feats = self._encode(params, tokens, mask, train=train, rng=k_text)
+        x_t = schedules.q_sample(x0, t, noise, self.alpha_bar)
+        output = self._denoise(params, x_t, t, feats, train=train, rng=k_unet)
+        target = schedules.target(x0, noise, self.alpha_bar[t], self.dc.prediction)
+        return jnp.mean(jnp.square(output - target), axis=(1, 2, 3))
+
+    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+        def loss_fn(params):
+            return jnp.mean(self.loss_terms(params, batch, rng, train=True))
+
+        model = state.params["model"]
+        loss, grads = jax.value_and_grad(loss_fn)(model)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state["model"], model)
+        model = optax.apply_updates(model, updates)
+        params = {"model": model}
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, state.step, self.config.optim.ema),
+            opt_state={"model": opt_state},
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def sample(
+        self,
+        params,
+        text: dict,
+        rng: jax.Array,
+        *,
+        guidance: float | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+    ) -> jax.Array:
+        """Images in [-1, 1]; guidance w: eps_uncond + w (eps_cond - eps_uncond)."""
+        dc = self.dc
+        guidance = dc.guidance if guidance is None else guidance
+        steps = dc.sample_steps if steps is None else steps
+        sampler = dc.sampler if sampler is None else sampler
+        eta = dc.eta if eta is None else eta
+        model = params["model"]
+        tokens, mask = text["tokens"], text["mask"]
+        batch = tokens.shape[0]
+        cond = self._encode(model, tokens, mask)
+        if guidance != 1.0:  # Condition and uncondition in one batch of 2B.
+            null = self._encode(model, *null_text(*tokens.shape))
+            feats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null)
+        else:
+            feats = cond
+
+        def denoise(x_t, t):
+            ab = self.alpha_bar[t]
+            if guidance != 1.0:
+                out = self._denoise(model, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                                    feats)
+                out_cond, out_uncond = out[:batch], out[batch:]
+                out = out_uncond + guidance * (out_cond - out_uncond)
+            else:
+                out = self._denoise(model, x_t, t, feats)
+            return schedules.to_x0_eps(out, x_t, ab, dc.prediction)
+
+        size = self.config.data.image_size
+        k_init, k_loop = jax.random.split(rng)
+        x_T = jax.random.normal(k_init, (batch, size, size, 3), jnp.float32)
+        timesteps = samplers.sampling_timesteps(dc.timesteps, steps)
+        x0 = samplers.sample_loop(denoise, x_T, self.alpha_bar, timesteps, k_loop,
+                                  sampler=sampler, eta=eta, clip_denoised=dc.clip_denoised)
+        return jnp.clip(x0, -1.0, 1.0)

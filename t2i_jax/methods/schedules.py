@@ -1,0 +1,76 @@
+"""Discrete-time noise schedules and the forward process q(x_t | x_0).
+
+`alphas_cumprod[t]` is alpha_bar_t for t = 0..T-1 (t = 0 is the first noising step), so
+q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_jax.errors import ConfigError
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+                 ) -> np.ndarray:
+    """DDPM (Ho et al. 2020); the endpoints are for T = 1000, so scale them with T."""
+    scale = 1000.0 / num_timesteps
+    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM (Nichol & Dhariwal 2021), betas clipped at 0.999 near t = T."""
+
+    def f(t: np.ndarray) -> np.ndarray:
+        return np.cos((t / num_timesteps + s) / (1 + s) * np.pi / 2) ** 2
+
+    t = np.arange(num_timesteps + 1, dtype=np.float64)
+    alpha_bar = f(t) / f(np.zeros(1))
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def alphas_cumprod(name: str, num_timesteps: int) -> np.ndarray:
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown diffusion.schedule '{name}'; choose from {sorted(SCHEDULES)}")
+    return np.cumprod(1.0 - SCHEDULES[name](num_timesteps))
+
+
+def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, alpha_bar: jax.Array) -> jax.Array:
+    """Draws x_t ~ q(x_t | x_0) given the noise; t is an int array [B]."""
+    ab = alpha_bar[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
+
+
+def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
+    return jnp.reshape(a, jnp.shape(a) + (1,) * (like.ndim - jnp.ndim(a)))
+
+
+def to_x0_eps(output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array, prediction: str
+              ) -> tuple[jax.Array, jax.Array]:
+    """Converts the network's output (eps or v) to (x0, eps) estimates."""
+    ab = _bcast(alpha_bar_t, x_t)
+    if prediction == "eps":
+        eps = output
+        x0 = (x_t - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab)
+    elif prediction == "v":  # v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022).
+        x0 = jnp.sqrt(ab) * x_t - jnp.sqrt(1.0 - ab) * output
+        eps = jnp.sqrt(1.0 - ab) * x_t + jnp.sqrt(ab) * output
+    else:
+        raise ConfigError(f"unknown diffusion.prediction '{prediction}'; choose eps or v")
+    return x0, eps
+
+
+def target(x0: jax.Array, noise: jax.Array, alpha_bar_t: jax.Array, prediction: str
+           ) -> jax.Array:
+    """The regression target of the denoising loss for eps- or v-prediction."""
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        ab = _bcast(alpha_bar_t, x0)
+        return jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
+    raise ConfigError(f"unknown diffusion.prediction '{prediction}'; choose eps or v")

@@ -1,0 +1,1 @@
+"""Flax network modules (Linen): shared layers, the diffusion U-Net."""

@@ -1,0 +1,1 @@
+"""Text features and text encoders."""

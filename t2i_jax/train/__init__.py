@@ -1,0 +1,1 @@
+"""The generic trainer: loop, state sharding, checkpoints and logs, shared by all methods."""

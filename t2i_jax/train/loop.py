@@ -1,0 +1,229 @@
+"""The one generic training loop: any `Method` on any registered data set.
+
+train_and_evaluate(config, workdir) prepares the data and tokenizer, builds the mesh,
+initialises (or restores) the state, runs jit-compiled train steps with the batch split
+on `data`, and writes checkpoints, logs, sample grids and the report. A run killed at any
+point continues from its latest checkpoint when started again with the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from tqdm import tqdm
+
+from t2i_jax import config as config_lib
+from t2i_jax import registry, rng
+from t2i_jax.data import pipeline, sources
+from t2i_jax.errors import ConfigError
+from t2i_jax.eval import report
+from t2i_jax.eval.grid import save_grid
+from t2i_jax.eval.sample import abstract_state, make_sampler, sample_images
+from t2i_jax.methods.base import TrainState
+from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.train import sharding
+from t2i_jax.train.checkpoint import Checkpointer
+from t2i_jax.train.logging import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class _StopOnSignal:
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint on SIGTERM is written; the CLI exits non-zero."""
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    text = config_lib.to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = config_lib.from_json(f.read())
+        changed = sorted(
+            k for k in set(_flatten(old)) | set(_flatten(config))
+            if _flatten(old).get(k) != _flatten(config).get(k)
+        )
+        if changed:
+            log.warning("config differs from the run's saved config in: %s", ", ".join(changed))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def _run_tokenizer(config, workdir: str, builder) -> Tokenizer:
+    """The run's tokenizer is stored in its workdir, so sampling needs nothing else."""
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.isfile(path):
+        return Tokenizer.load(path)
+    tokenizer = sources.prepare_tokenizer(builder, config.text.vocab_size)
+    if jax.process_index() == 0:
+        tokenizer.save(path)
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFunctions:
+    """A method's init and train step, jit-compiled with the mesh's shardings."""
+
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore target)
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def compile_functions(method, config: ml_collections.ConfigDict, mesh) -> TrainFunctions:
+    """eval_shape the state, then jit init with out_shardings and the step with donation."""
+    spec, target = abstract_state(method, config, mesh)
+    state_sharding = jax.tree.map(lambda s: s.sharding, target)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+
+    def init(key):
+        return method.init(key, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
+
+    return TrainFunctions(
+        init=jax.jit(init, out_shardings=state_sharding),
+        train_step=jax.jit(
+            method.train_step,
+            in_shardings=(state_sharding, batch_sharding, replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
+        ),
+        abstract_state=target,
+        batch_sharding=batch_sharding,
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, devices=None, show_progress=True
+) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    config_lib.validate(config)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if primary:
+        _write_config(config, workdir)
+
+    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    tokenizer = _run_tokenizer(config, workdir, builder)
+    method = registry.build_method(config, tokenizer.vocab_size)
+    mesh = sharding.make_mesh(devices)
+    if config.train.batch_size % mesh.size:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not divisible by {mesh.size} devices"
+        )
+
+    loader = pipeline.make_loader(
+        builder.as_data_source("train"), tokenizer,
+        global_batch_size=config.train.batch_size, max_len=config.text.max_len,
+        seed=rng.stream_seed(config.seed, "data"), worker_count=config.data.workers,
+        name=f"{config.data.name}/train",
+    )
+    data_iter = iter(loader)
+
+    fns = compile_functions(method, config, mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                max_to_keep=config.train.keep_checkpoints)
+    writer = MetricWriter(workdir, enabled=primary)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, fns.abstract_state, data_iter)
+        writer.truncate_after(latest)
+        log.info("resumed from step %d", latest)
+    else:
+        state = fns.init(rng.stream_key(config.seed, "params"))
+    noise_stream = rng.stream_key(config.seed, "noise")
+    prompts = list(config.sample.prompts)
+    step = int(jax.device_get(state.step))
+    total = config.train.steps
+
+    sampler = make_sampler(method)  # Compiled once, reused for every grid.
+
+    def sample_grid(at_step: int) -> str:
+        images = sample_images(
+            sampler, state.ema_params, tokenizer, prompts, per_prompt=config.sample.per_prompt,
+            rng=rng.stream_key(config.seed, "sample"), max_len=config.text.max_len,
+        )
+        path = os.path.join(workdir, "samples", f"step_{at_step}.png")
+        if primary:
+            save_grid(path, images, prompts)
+        return path
+
+    last_metrics: dict = {}
+    progress = tqdm(total=total, initial=step, disable=not (primary and show_progress),
+                    dynamic_ncols=True, desc="train")
+    tick, tick_step = time.perf_counter(), step
+    with _StopOnSignal() as stop:
+        while step < total:
+            batch = pipeline.to_global(next(data_iter), fns.batch_sharding)
+            state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
+            step += 1
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == total:
+                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                rate = (step - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                writer.write(step, last_metrics, tb_only={"steps_per_sec": rate})
+                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}",
+                                     steps_per_s=f"{rate:.2f}")
+            if step % config.train.checkpoint_every == 0 or step == total or stop.requested:
+                checkpointer.save(step, state, data_iter)
+            if step % config.train.sample_every == 0 and step != total:
+                sample_grid(step)
+            if stop.requested and step < total:
+                progress.close()
+                checkpointer.close()
+                writer.close()
+                raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, "
+                                "run the same command to resume")
+    progress.close()
+
+    grid = sample_grid(step)
+    if primary:
+        path = report.write_report(workdir, config, final_step=step, grid_path=grid,
+                                   prompts=prompts)
+        log.info("report: %s", path)
+    checkpointer.close()
+    writer.close()
+    return last_metrics

@@ -1,0 +1,147 @@
+"""The `t2i` entry point, run as a user runs it: separate processes, real files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import EXPERIMENT, REPO, run_cli
+from PIL import Image
+
+
+def train_args(workdir, data_dir, *extra):
+    return ["train", "--config", f"{EXPERIMENT}:test", "--workdir", str(workdir),
+            f"--config.data.dir={data_dir}", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli(*train_args(workdir, data_dir))
+    assert result.returncode == 0, result.stderr
+    return workdir, result
+
+
+def test_train_writes_the_workdir(trained):
+    workdir, result = trained
+    assert result.stdout.strip().splitlines()[-1] == f"report: {workdir}/report.md"
+    for name in ("config.json", "tokenizer.model", "metrics.jsonl", "report.md", "loss.png",
+                 "samples/step_6.png"):
+        assert (workdir / name).is_file(), name
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    assert any(f.startswith("events") for f in os.listdir(workdir / "tb"))
+    report = (workdir / "report.md").read_text()
+    assert "samples/step_6.png" in report and "loss.png" in report
+
+
+def test_sample_writes_a_grid(trained, tmp_path):
+    workdir, _ = trained
+    out = tmp_path / "grid.png"
+    args = ["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--prompt",
+            "a blue square", "--num", "2", "--seed", "3", "--steps", "3", "--out", str(out)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    grid = np.asarray(Image.open(out))
+    # Two columns of 128-pixel tiles plus padding, two rows, captions under them.
+    assert grid.shape[1] == 2 * (128 + 4) + 4 and grid.shape[0] > 2 * 128
+    assert run_cli(*args[:-1], str(tmp_path / "again.png")).returncode == 0
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
+    (["--config.train.steps=many"], "config key 'train.steps' expects int, got 'many'"),
+    (["--config.text.encoder=nope"], "unknown text.encoder 'nope'"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, data_dir, args, message):
+    result = run_cli(*train_args(tmp_path / "w", data_dir, *args))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"t2i: error: {message}"] or (
+        message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    ), result.stderr
+
+
+def test_missing_workdir_and_corrupt_checkpoint(trained, tmp_path):
+    result = run_cli("sample", "--workdir", str(tmp_path / "absent"), "--prompt", "a red circle",
+                     "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"t2i: error: workdir not found: {tmp_path / 'absent'}"
+
+    workdir, _ = trained
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(workdir), str(broken)], check=True)
+    for root, _, files in os.walk(broken / "checkpoints" / "6" / "state"):
+        for name in files:
+            if name != "commit_success.txt":
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    before = sorted(os.listdir(broken / "checkpoints"))
+    result = run_cli("sample", "--workdir", str(broken), "--prompt", "a red circle", "--out",
+                     str(tmp_path / "y.png"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("t2i: error: cannot restore checkpoint")
+    assert str(broken / "checkpoints" / "6") in lines[0]
+    assert sorted(os.listdir(broken / "checkpoints")) == before
+
+
+LONG = ["--config.train.steps=100", "--config.train.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """A 100-step run never stopped."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_cli(*train_args(workdir, data_dir, *LONG))
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def _start(workdir, data_dir):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "t2i_jax.cli", *train_args(workdir, data_dir, *LONG)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=300):
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, sig):
+    workdir = tmp_path / "killed"
+    proc = _start(workdir, data_dir)
+    _wait_for_checkpoint(proc, workdir)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 75, stderr
+        assert "stopped by SIGTERM" in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "report.md").exists()
+
+    stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
+    assert 10 <= stopped_at < 100
+    result = run_cli(*train_args(workdir, data_dir, *LONG))
+    assert result.returncode == 0, result.stderr
+    final = "samples/step_100.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(workdir / final)),
+                                  np.asarray(Image.open(reference / final)))
+    assert (workdir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_data_prepare(tmp_path):
+    result = run_cli("data", "prepare", "t2i_shapes", "--data-dir", str(tmp_path),
+                     "--variant", "small")
+    assert result.returncode == 0, result.stderr
+    assert "train 512" in result.stdout and "compositional 64" in result.stdout
+    assert run_cli("data", "prepare", "nope", "--data-dir", str(tmp_path)).returncode == 2
