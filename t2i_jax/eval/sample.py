@@ -30,8 +30,9 @@ def sample_images(sampler: Callable, params, tokenizer: Tokenizer, prompts: Sequ
     """uint8 [P, per_prompt, H, W, 3]: every prompt repeated per_prompt times, one batch."""
     captions = [p for p in prompts for _ in range(per_prompt)]
     tokens, mask = tokenizer.encode(captions, max_len)
-    images = sampler(params, {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}, rng)
-    images = to_uint8(jax.device_get(images))
+    # numpy inputs: jit treats them as replicated, also across processes.
+    images = sampler(params, {"tokens": tokens, "mask": mask}, rng)
+    images = to_uint8(sharding.to_host(images))
     return images.reshape((len(prompts), per_prompt) + images.shape[1:])
 
 

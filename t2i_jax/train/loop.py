@@ -174,7 +174,7 @@ def train_and_evaluate(
         state = fns.init(rng.stream_key(config.seed, "params"))
     noise_stream = rng.stream_key(config.seed, "noise")
     prompts = list(config.sample.prompts)
-    step = int(jax.device_get(state.step))
+    step = int(sharding.to_host(state.step))
     total = config.train.steps
 
     sampler = make_sampler(method)  # Compiled once, reused for every grid.
@@ -200,7 +200,7 @@ def train_and_evaluate(
             step += 1
             progress.update(1)
             if step % config.train.log_every == 0 or step == total:
-                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last_metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step

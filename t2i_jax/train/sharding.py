@@ -31,3 +31,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def abstract_with_sharding(tree, sharding: NamedSharding):
     """ShapeDtypeStructs carrying `sharding` (restore targets and jit out_shardings)."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def to_host(tree):
+    """numpy copies of replicated arrays, also when they span several processes."""
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))  # Replicated: any local copy is all.
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)

@@ -1,4 +1,7 @@
-"""Reproducibility: same seed, same numbers; a resumed run equals an uninterrupted one."""
+"""A run stopped after N steps and resumed to 2N equals 2N steps straight, bit for bit.
+
+(Same seed, same numbers across separate processes is tested through the CLI in
+test_cli.py, whose killed-and-resumed runs are compared with a reference run.)"""
 
 import jax
 import numpy as np
@@ -12,16 +15,13 @@ def params_of(workdir):
     return jax.device_get(load_run(str(workdir))[3])
 
 
-def test_resume_is_bitwise_equal_and_reruns_repeat(test_config, tmp_path):
+def test_resume_is_bitwise_equal(test_config, tmp_path):
     n = 3
     test_config.train.steps = 2 * n
     test_config.train.checkpoint_every = n
+    test_config.train.log_every = 1  # The first leg logs its last step; so does straight.
     straight = tmp_path / "straight"
     train_and_evaluate(test_config, str(straight), show_progress=False)
-
-    again = tmp_path / "again"
-    train_and_evaluate(test_config, str(again), show_progress=False)
-    assert read_metrics(str(again)) == read_metrics(str(straight))
 
     resumed = tmp_path / "resumed"
     first = test_config.copy_and_resolve_references()

@@ -1,0 +1,98 @@
+"""Train-step throughput: images/s, XLA FLOPs per step, achieved FLOP/s and their ratio
+to a float32 matmul peak measured in the same run on the same devices.
+
+  python benchmarks/train_step.py [--config experiments/diffusion_shapes.py:demo]
+      [--steps 20] [--config.KEY=VALUE ...]
+
+Random batches of the config's shapes; the whole mesh of local devices, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_jax import config as config_lib
+from t2i_jax import registry
+from t2i_jax.cli import _split_config_overrides
+from t2i_jax.train import loop, sharding
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Achieved float32 FLOP/s of a large square matmul: the practical peak here."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / float(np.median(times))
+
+
+def random_batch(config, vocab_size: int) -> dict:
+    b, size, length = config.train.batch_size, config.data.image_size, config.text.max_len
+    k1, k2 = jax.random.split(jax.random.key(0))
+    mask = jnp.arange(length)[None] < (jnp.arange(b) % (length - 1) + 1)[:, None]
+    return {
+        "image": jax.random.uniform(k1, (b, size, size, 3), minval=-1, maxval=1),
+        "tokens": jnp.where(mask, jax.random.randint(k2, (b, length), 3, vocab_size), 0),
+        "mask": mask,
+    }
+
+
+def main() -> None:
+    argv, overrides = _split_config_overrides(__import__("sys").argv[1:])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="experiments/diffusion_shapes.py:demo")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+
+    vocab_size = config.text.vocab_size
+    method = registry.build_method(config, vocab_size)
+    fns = loop.compile_functions(method, config, sharding.make_mesh())
+    state = fns.init(jax.random.key(0))
+    batch = jax.device_put(random_batch(config, vocab_size), fns.batch_sharding)
+    key = jax.random.key(1)
+
+    compiled = fns.train_step.lower(state, batch, key).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", float("nan")))
+
+    state, metrics = fns.train_step(state, batch, key)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = fns.train_step(state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_time = float(np.median(times))
+    peak = matmul_peak() * 1.0
+    achieved = flops / step_time
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    devices = jax.devices()
+    print(f"config            {args.config} {' '.join(overrides)}")
+    print(f"devices           {len(devices)} x {devices[0].device_kind} ({platform.machine()})")
+    print(f"parameters        {params:,}")
+    print(f"batch             {config.train.batch_size}")
+    print(f"step time         {step_time * 1e3:.1f} ms (median of {args.steps})")
+    print(f"images/s          {config.train.batch_size / step_time:.1f}")
+    print(f"FLOPs/step (XLA)  {flops / 1e9:.2f} GFLOP")
+    print(f"achieved          {achieved / 1e9:.1f} GFLOP/s")
+    print(f"f32 matmul peak   {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, same run)")
+    print(f"ratio             {achieved / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()
