@@ -7,8 +7,8 @@
   t2i data prepare t2i_shapes [--data-dir data] [--variant default] [--vocab-size 128]
 
 Bad input (unknown config key, wrong type, missing workdir or file, corrupt checkpoint)
-prints one line, `t2i: error: ...`, and exits with status 2. A run stopped by SIGTERM
-saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same command again).
+prints one line, `t2i: error: ...`, and exits with status 2. A run stopped by SIGTERM or
+SIGINT saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same command again).
 """
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ def _data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries log routine notices as warnings (orbax's read-only mode, TFDS metadata);
+    # errors still show, and ours come as one `t2i: error:` line.
     for noisy in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = _split_config_overrides(argv)

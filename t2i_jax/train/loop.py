@@ -8,6 +8,7 @@ point continues from its latest checkpoint when started again with the same comm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from t2i_jax import config as config_lib
 from t2i_jax import registry, rng
 from t2i_jax.data import pipeline, sources
-from t2i_jax.errors import ConfigError
+from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.eval import report
 from t2i_jax.eval.grid import save_grid
 from t2i_jax.eval.sample import abstract_state, make_sampler, sample_images
@@ -37,29 +38,30 @@ log = logging.getLogger(__name__)
 
 
 class _StopOnSignal:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread: leave signals alone.
-            self._previous = None
+        for sig in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # Not the main thread: leave signals alone.
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint on SIGTERM is written; the CLI exits non-zero."""
+    """Raised after the checkpoint on a stop signal is written; the CLI exits non-zero."""
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -140,6 +142,8 @@ def train_and_evaluate(
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     config_lib.validate(config)
     primary = jax.process_index() == 0
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir is not a directory: {workdir}")
     os.makedirs(workdir, exist_ok=True)
     if primary:
         _write_config(config, workdir)
@@ -215,8 +219,8 @@ def train_and_evaluate(
                 progress.close()
                 checkpointer.close()
                 writer.close()
-                raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, "
-                                "run the same command to resume")
+                raise Preempted(f"stopped by {stop.requested} at step {step}; checkpoint "
+                                "saved, run the same command to resume")
     progress.close()
 
     grid = sample_grid(step)
