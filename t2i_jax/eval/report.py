@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # Headless: reports are written on clusters without a display.
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 from t2i_jax.train.logging import read_metrics  # noqa: E402
 
@@ -18,10 +19,18 @@ def plot_metric(records: list[dict], name: str, path: str) -> bool:
     if not points:
         return False
     steps, values = zip(*points, strict=True)
+    # Logged values are single batches; a centred moving mean shows the trend without lag.
+    half = max(1, len(values) // 40)
+    padded = np.pad(np.asarray(values, float), half, mode="edge")
+    smoothed = np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, values, lw=1.2)
+    ax.plot(steps, values, lw=0.8, alpha=0.35, label="logged batch")
+    ax.plot(steps, smoothed, lw=1.6, label=f"moving mean of {2 * half + 1} points")
+    if min(values) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(name)
+    ax.legend()
     ax.set_title(f"training {name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
