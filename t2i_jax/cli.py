@@ -30,7 +30,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
                     raise UserError(f"{arg} needs a value")
@@ -52,8 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     multi = train.add_argument_group("multi-process (one process per host)")
-    multi.add_argument("--distributed", action="store_true",
-                       help="jax.distributed.initialize() with the cluster's auto-detection")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with the cluster's auto-detection",
+    )
     multi.add_argument("--coordinator", help="coordinator HOST:PORT (implies --distributed)")
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
@@ -84,8 +87,11 @@ def _init_distributed(args) -> None:
 
     # CPU hosts need a collectives backend; GPUs and TPUs ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -117,11 +123,25 @@ def _sample(args) -> int:
     if any(not p.strip() for p in args.prompt):
         raise UserError("--prompt must not be empty")
     config, tokenizer, method, state = load_run(args.workdir)
-    options = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps),
-                                 ("sampler", args.sampler), ("eta", args.eta)) if v is not None}
-    images = sample_images(make_sampler(method, **options), state.ema_params, tokenizer,
-                           args.prompt, per_prompt=args.num, rng=jax.random.key(args.seed),
-                           max_len=config.text.max_len)
+    options = {
+        k: v
+        for k, v in (
+            ("guidance", args.guidance),
+            ("steps", args.steps),
+            ("sampler", args.sampler),
+            ("eta", args.eta),
+        )
+        if v is not None
+    }
+    images = sample_images(
+        make_sampler(method, **options),
+        state.ema_params,
+        tokenizer,
+        args.prompt,
+        per_prompt=args.num,
+        rng=jax.random.key(args.seed),
+        max_len=config.text.max_len,
+    )
     save_grid(args.out, images, args.prompt)
     print(f"wrote {args.out}")
     return 0
@@ -133,8 +153,10 @@ def _data(args) -> int:
     builder = sources.prepare(args.name, args.data_dir, args.variant)
     tokenizer = sources.prepare_tokenizer(builder, args.vocab_size)
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
-    print(f"{args.name} ({args.variant}) in {builder.data_dir}: {splits}; "
-          f"tokenizer vocab {tokenizer.vocab_size}")
+    print(
+        f"{args.name} ({args.variant}) in {builder.data_dir}: {splits}; "
+        f"tokenizer vocab {tokenizer.vocab_size}"
+    )
     return 0
 
 

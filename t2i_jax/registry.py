@@ -30,8 +30,13 @@ def _transformer(text: ml_collections.ConfigDict, vocab_size: int, causal: bool 
     from t2i_jax.text.transformer import TransformerTextEncoder
 
     return TransformerTextEncoder(
-        vocab_size=vocab_size, width=text.width, depth=text.depth, num_heads=text.num_heads,
-        max_len=text.max_len, dropout=text.dropout, causal=causal,
+        vocab_size=vocab_size,
+        width=text.width,
+        depth=text.depth,
+        num_heads=text.num_heads,
+        max_len=text.max_len,
+        dropout=text.dropout,
+        causal=causal,
     )
 
 

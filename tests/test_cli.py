@@ -13,8 +13,16 @@ from PIL import Image
 
 
 def train_args(workdir, data_dir, *extra):
-    return ["train", "--config", f"{EXPERIMENT}:test", "--workdir", str(workdir),
-            f"--config.data.dir={data_dir}", "--no-progress", *extra]
+    return [
+        "train",
+        "--config",
+        f"{EXPERIMENT}:test",
+        "--workdir",
+        str(workdir),
+        f"--config.data.dir={data_dir}",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +36,14 @@ def trained(tmp_path_factory, data_dir):
 def test_train_writes_the_workdir(trained):
     workdir, result = trained
     assert result.stdout.strip().splitlines()[-1] == f"report: {workdir}/report.md"
-    for name in ("config.json", "tokenizer.model", "metrics.jsonl", "report.md", "loss.png",
-                 "samples/step_6.png"):
+    for name in (
+        "config.json",
+        "tokenizer.model",
+        "metrics.jsonl",
+        "report.md",
+        "loss.png",
+        "samples/step_6.png",
+    ):
         assert (workdir / name).is_file(), name
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
     assert any(f.startswith("events") for f in os.listdir(workdir / "tb"))
@@ -40,8 +54,23 @@ def test_train_writes_the_workdir(trained):
 def test_sample_writes_a_grid(trained, tmp_path):
     workdir, _ = trained
     out = tmp_path / "grid.png"
-    args = ["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--prompt",
-            "a blue square", "--num", "2", "--seed", "3", "--steps", "3", "--out", str(out)]
+    args = [
+        "sample",
+        "--workdir",
+        str(workdir),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--num",
+        "2",
+        "--seed",
+        "3",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(out))
@@ -51,11 +80,17 @@ def test_sample_writes_a_grid(trained, tmp_path):
     np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
-    (["--config.train.steps=many"], "config key 'train.steps' expects int, got 'many'"),
-    (["--config.text.encoder=nope"], "unknown text.encoder 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--config.train.stpes=3"],
+            "unknown config key 'train.stpes' (did you mean 'train.steps'?)",
+        ),
+        (["--config.train.steps=many"], "config key 'train.steps' expects int, got 'many'"),
+        (["--config.text.encoder=nope"], "unknown text.encoder 'nope'"),
+    ],
+)
 def test_bad_config_is_one_line_and_exit_2(tmp_path, data_dir, args, message):
     result = run_cli(*train_args(tmp_path / "w", data_dir, *args))
     assert result.returncode == 2
@@ -65,8 +100,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, data_dir, args, message):
 
 
 def test_missing_workdir_and_corrupt_checkpoint(trained, tmp_path):
-    result = run_cli("sample", "--workdir", str(tmp_path / "absent"), "--prompt", "a red circle",
-                     "--out", str(tmp_path / "x.png"))
+    result = run_cli(
+        "sample",
+        "--workdir",
+        str(tmp_path / "absent"),
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"t2i: error: workdir not found: {tmp_path / 'absent'}"
 
@@ -79,8 +121,15 @@ def test_missing_workdir_and_corrupt_checkpoint(trained, tmp_path):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
     before = sorted(os.listdir(broken / "checkpoints"))
-    result = run_cli("sample", "--workdir", str(broken), "--prompt", "a red circle", "--out",
-                     str(tmp_path / "y.png"))
+    result = run_cli(
+        "sample",
+        "--workdir",
+        str(broken),
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(tmp_path / "y.png"),
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("t2i: error: cannot restore checkpoint")
@@ -104,7 +153,12 @@ def _start(workdir, data_dir):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.Popen(
         [sys.executable, "-m", "t2i_jax.cli", *train_args(workdir, data_dir, *LONG)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(proc, workdir, timeout=300):
@@ -134,14 +188,16 @@ def test_killed_run_resumes_to_the_same_final_sample(reference, tmp_path, data_d
     result = run_cli(*train_args(workdir, data_dir, *LONG))
     assert result.returncode == 0, result.stderr
     final = "samples/step_100.png"
-    np.testing.assert_array_equal(np.asarray(Image.open(workdir / final)),
-                                  np.asarray(Image.open(reference / final)))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(workdir / final)), np.asarray(Image.open(reference / final))
+    )
     assert (workdir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
 def test_data_prepare(tmp_path):
-    result = run_cli("data", "prepare", "t2i_shapes", "--data-dir", str(tmp_path),
-                     "--variant", "small")
+    result = run_cli(
+        "data", "prepare", "t2i_shapes", "--data-dir", str(tmp_path), "--variant", "small"
+    )
     assert result.returncode == 0, result.stderr
     assert "train 512" in result.stdout and "compositional 64" in result.stdout
     assert run_cli("data", "prepare", "nope", "--data-dir", str(tmp_path)).returncode == 2

@@ -16,10 +16,16 @@ def test_every_variant_has_the_required_keys(variant):
 
 def test_overrides_are_typed_by_the_current_value():
     config = config_lib.load_config(f"{EXPERIMENT}:test")
-    config_lib.apply_overrides(config, [
-        "train.steps=17", "optim.lr=1", "diffusion.sampler=ddpm",
-        "model.channel_mults=(1,2,4)", "diffusion.clip_denoised=False",
-    ])
+    config_lib.apply_overrides(
+        config,
+        [
+            "train.steps=17",
+            "optim.lr=1",
+            "diffusion.sampler=ddpm",
+            "model.channel_mults=(1,2,4)",
+            "diffusion.clip_denoised=False",
+        ],
+    )
     assert config.train.steps == 17
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
     assert config.diffusion.sampler == "ddpm"
@@ -35,8 +41,9 @@ def test_unknown_key_names_the_key_and_suggests_a_fix():
         config_lib.apply_overrides(config, ["nothing.here=3"])
 
 
-@pytest.mark.parametrize("override", ["train.steps=ten", "train.steps=1.5", "seed=True",
-                                      "diffusion.clip_denoised=1"])
+@pytest.mark.parametrize(
+    "override", ["train.steps=ten", "train.steps=1.5", "seed=True", "diffusion.clip_denoised=1"]
+)
 def test_wrong_type_is_a_config_error(override):
     config = config_lib.load_config(f"{EXPERIMENT}:test")
     with pytest.raises(ConfigError, match="expects"):

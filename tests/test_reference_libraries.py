@@ -18,8 +18,17 @@ def test_torch_and_torchvision_are_the_pinned_pair():
     np.testing.assert_array_equal(keep.numpy(), [0, 2])
 
 
-@pytest.mark.parametrize("module", ["pytorch_fid.inception", "lpips", "torchmetrics",
-                                    "pytorch_msssim", "sentence_transformers", "skimage.metrics",
-                                    "sklearn.feature_extraction.text"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "pytorch_fid.inception",
+        "lpips",
+        "torchmetrics",
+        "pytorch_msssim",
+        "sentence_transformers",
+        "skimage.metrics",
+        "sklearn.feature_extraction.text",
+    ],
+)
 def test_reference_module_imports(module):
     assert importlib.import_module(module) is not None

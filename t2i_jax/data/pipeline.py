@@ -69,15 +69,19 @@ def make_loader(
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     local_batch = per_process_batch_size(global_batch_size, shard_count)
-    shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                               drop_remainder=True)
+    shard = grain.ShardOptions(
+        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
+    )
     if len(source) // shard_count < local_batch:
         raise ConfigError(
             f"{name} has {len(source)} records, fewer than one batch of {local_batch} per process"
         )
     sampler = grain.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=shuffle,
-        num_epochs=num_epochs, seed=seed,
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
     )
     return grain.DataLoader(
         data_source=source,

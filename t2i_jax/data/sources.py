@@ -35,8 +35,9 @@ def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
 def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     builder_cls = registry.get(registry.DATASETS, name, "data.name")
     try:
-        return builder_cls(data_dir=os.path.expanduser(data_dir), config=variant,
-                           file_format="array_record")
+        return builder_cls(
+            data_dir=os.path.expanduser(data_dir), config=variant, file_format="array_record"
+        )
     except ValueError as e:  # TFDS raises ValueError for an unknown builder config.
         raise DataError(f"data set {name}: {e}") from None
 
@@ -46,9 +47,11 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     builder = load_builder(name, data_dir, variant)
     if jax.process_index() == 0 and not builder.is_prepared():
         tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False,  # Built-in sets are made here; never reach out.
-        ))
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False,  # Built-in sets are made here; never reach out.
+            )
+        )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -58,8 +61,10 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
 
 def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
     source = builder.as_data_source("train")
-    return [decode_caption(source[i]["caption"], f"{builder.name} train[{i}]")
-            for i in range(len(source))]
+    return [
+        decode_caption(source[i]["caption"], f"{builder.name} train[{i}]")
+        for i in range(len(source))
+    ]
 
 
 def prepare_tokenizer(builder: tfds.core.DatasetBuilder, vocab_size: int) -> Tokenizer:

@@ -39,8 +39,14 @@ def plot_metric(records: list[dict], name: str, path: str) -> bool:
     return True
 
 
-def write_report(workdir: str, config: ml_collections.ConfigDict, *, final_step: int,
-                 grid_path: str, prompts: list[str]) -> str:
+def write_report(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    final_step: int,
+    grid_path: str,
+    prompts: list[str],
+) -> str:
     """Writes `workdir/report.md` and returns its path."""
     records = read_metrics(workdir)
     has_plot = plot_metric(records, "loss", os.path.join(workdir, "loss.png"))

@@ -25,8 +25,16 @@ def make_sampler(method, **options) -> Callable:
     return jax.jit(functools.partial(method.sample, **options))
 
 
-def sample_images(sampler: Callable, params, tokenizer: Tokenizer, prompts: Sequence[str], *,
-                  per_prompt: int, rng: jax.Array, max_len: int) -> np.ndarray:
+def sample_images(
+    sampler: Callable,
+    params,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    per_prompt: int,
+    rng: jax.Array,
+    max_len: int,
+) -> np.ndarray:
     """uint8 [P, per_prompt, H, W, 3]: every prompt repeated per_prompt times, one batch."""
     captions = [p for p in prompts for _ in range(per_prompt)]
     tokens, mask = tokenizer.encode(captions, max_len)

@@ -37,8 +37,9 @@ class Method(Protocol):
     def init(self, rng: jax.Array, batch: dict) -> TrainState:
         """Initialises every network and optimizer state (batch gives shapes only)."""
 
-    def train_step(self, state: TrainState, batch: dict, rng: jax.Array
-                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update (may update several players); returns scalar metrics."""
 
     def sample(self, params: PyTree, text: dict, rng: jax.Array, **options) -> jax.Array:

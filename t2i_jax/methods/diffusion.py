@@ -28,8 +28,9 @@ def null_text(batch_size: int, max_len: int) -> tuple[jax.Array, jax.Array]:
     return tokens, tokens != PAD_ID
 
 
-def drop_captions(rng: jax.Array, tokens: jax.Array, mask: jax.Array, p: float
-                  ) -> tuple[jax.Array, jax.Array]:
+def drop_captions(
+    rng: jax.Array, tokens: jax.Array, mask: jax.Array, p: float
+) -> tuple[jax.Array, jax.Array]:
     """Replaces each caption by the empty one with probability p."""
     drop = jax.random.bernoulli(rng, p, (tokens.shape[0],))[:, None]
     null_tokens, null_mask = null_text(*tokens.shape)
@@ -57,15 +58,22 @@ class Diffusion:
             {"params": params["text_encoder"]}, tokens, mask, train=train, rngs=rngs
         )
         if feats.seq is None:  # Pooled-only encoders give cross-attention one token.
-            feats = feats.replace(seq=feats.pooled[:, None, :],
-                                  mask=jnp.ones((tokens.shape[0], 1), bool))
+            feats = feats.replace(
+                seq=feats.pooled[:, None, :], mask=jnp.ones((tokens.shape[0], 1), bool)
+            )
         return feats
 
     def _denoise(self, params, x_t, t, feats: TextFeatures, *, train=False, rng=None):
         rngs = {"dropout": rng} if rng is not None else None
         return self.unet.apply(
-            {"params": params["unet"]}, x_t, t.astype(jnp.float32), feats.seq, feats.mask,
-            feats.pooled, train=train, rngs=rngs,
+            {"params": params["unet"]},
+            x_t,
+            t.astype(jnp.float32),
+            feats.seq,
+            feats.mask,
+            feats.pooled,
+            train=train,
+            rngs=rngs,
         )
 
     # -- Method protocol -----------------------------------------------------------
@@ -86,8 +94,7 @@ class Diffusion:
             opt_state={"model": self.optimizer.init(params["model"])},
         )
 
-    def loss_terms(self, params, batch: dict, rng: jax.Array, *, train: bool = True
-                   ) -> jax.Array:
+    def loss_terms(self, params, batch: dict, rng: jax.Array, *, train: bool = True) -> jax.Array:
         """Per-example denoising loss (mean over pixels), vdm style: the caller reduces."""
         k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
         x0 = batch["image"]
@@ -148,8 +155,9 @@ class Diffusion:
         def denoise(x_t, t):
             ab = self.alpha_bar[t]
             if guidance != 1.0:
-                out = self._denoise(model, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                                    feats)
+                out = self._denoise(
+                    model, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), feats
+                )
                 out_cond, out_uncond = out[:batch], out[batch:]
                 out = out_uncond + guidance * (out_cond - out_uncond)
             else:
@@ -160,6 +168,14 @@ class Diffusion:
         k_init, k_loop = jax.random.split(rng)
         x_T = jax.random.normal(k_init, (batch, size, size, 3), jnp.float32)
         timesteps = samplers.sampling_timesteps(dc.timesteps, steps)
-        x0 = samplers.sample_loop(denoise, x_T, self.alpha_bar, timesteps, k_loop,
-                                  sampler=sampler, eta=eta, clip_denoised=dc.clip_denoised)
+        x0 = samplers.sample_loop(
+            denoise,
+            x_T,
+            self.alpha_bar,
+            timesteps,
+            k_loop,
+            sampler=sampler,
+            eta=eta,
+            clip_denoised=dc.clip_denoised,
+        )
         return jnp.clip(x0, -1.0, 1.0)

@@ -13,8 +13,9 @@ import numpy as np
 from t2i_jax.errors import ConfigError
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-                 ) -> np.ndarray:
+def linear_betas(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
     """DDPM (Ho et al. 2020); the endpoints are for T = 1000, so scale them with T."""
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
@@ -50,8 +51,9 @@ def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
     return jnp.reshape(a, jnp.shape(a) + (1,) * (like.ndim - jnp.ndim(a)))
 
 
-def to_x0_eps(output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array, prediction: str
-              ) -> tuple[jax.Array, jax.Array]:
+def to_x0_eps(
+    output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array, prediction: str
+) -> tuple[jax.Array, jax.Array]:
     """Converts the network's output (eps or v) to (x0, eps) estimates."""
     ab = _bcast(alpha_bar_t, x_t)
     if prediction == "eps":
@@ -65,8 +67,7 @@ def to_x0_eps(output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array, predict
     return x0, eps
 
 
-def target(x0: jax.Array, noise: jax.Array, alpha_bar_t: jax.Array, prediction: str
-           ) -> jax.Array:
+def target(x0: jax.Array, noise: jax.Array, alpha_bar_t: jax.Array, prediction: str) -> jax.Array:
     """The regression target of the denoising loss for eps- or v-prediction."""
     if prediction == "eps":
         return noise

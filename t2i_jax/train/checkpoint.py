@@ -48,9 +48,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for unreadable or mismatched files.
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"cannot restore checkpoint {where}: {first_line[:300]}"
-            ) from e
+            raise CheckpointError(f"cannot restore checkpoint {where}: {first_line[:300]}") from e
         return restored["state"]
 
     def close(self) -> None:

@@ -71,7 +71,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         with open(path) as f:
             old = config_lib.from_json(f.read())
         changed = sorted(
-            k for k in set(_flatten(old)) | set(_flatten(config))
+            k
+            for k in set(_flatten(old)) | set(_flatten(config))
             if _flatten(old).get(k) != _flatten(config).get(k)
         )
         if changed:
@@ -158,16 +159,20 @@ def train_and_evaluate(
         )
 
     loader = pipeline.make_loader(
-        builder.as_data_source("train"), tokenizer,
-        global_batch_size=config.train.batch_size, max_len=config.text.max_len,
-        seed=rng.stream_seed(config.seed, "data"), worker_count=config.data.workers,
+        builder.as_data_source("train"),
+        tokenizer,
+        global_batch_size=config.train.batch_size,
+        max_len=config.text.max_len,
+        seed=rng.stream_seed(config.seed, "data"),
+        worker_count=config.data.workers,
         name=f"{config.data.name}/train",
     )
     data_iter = iter(loader)
 
     fns = compile_functions(method, config, mesh)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                max_to_keep=config.train.keep_checkpoints)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
+    )
     writer = MetricWriter(workdir, enabled=primary)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -185,8 +190,13 @@ def train_and_evaluate(
 
     def sample_grid(at_step: int) -> str:
         images = sample_images(
-            sampler, state.ema_params, tokenizer, prompts, per_prompt=config.sample.per_prompt,
-            rng=rng.stream_key(config.seed, "sample"), max_len=config.text.max_len,
+            sampler,
+            state.ema_params,
+            tokenizer,
+            prompts,
+            per_prompt=config.sample.per_prompt,
+            rng=rng.stream_key(config.seed, "sample"),
+            max_len=config.text.max_len,
         )
         path = os.path.join(workdir, "samples", f"step_{at_step}.png")
         if primary:
@@ -194,8 +204,13 @@ def train_and_evaluate(
         return path
 
     last_metrics: dict = {}
-    progress = tqdm(total=total, initial=step, disable=not (primary and show_progress),
-                    dynamic_ncols=True, desc="train")
+    progress = tqdm(
+        total=total,
+        initial=step,
+        disable=not (primary and show_progress),
+        dynamic_ncols=True,
+        desc="train",
+    )
     tick, tick_step = time.perf_counter(), step
     with _StopOnSignal() as stop:
         while step < total:
@@ -209,8 +224,7 @@ def train_and_evaluate(
                 rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
                 writer.write(step, last_metrics, tb_only={"steps_per_sec": rate})
-                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}",
-                                     steps_per_s=f"{rate:.2f}")
+                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_per_s=f"{rate:.2f}")
             if step % config.train.checkpoint_every == 0 or step == total or stop.requested:
                 checkpointer.save(step, state, data_iter)
             if step % config.train.sample_every == 0 and step != total:
@@ -219,14 +233,17 @@ def train_and_evaluate(
                 progress.close()
                 checkpointer.close()
                 writer.close()
-                raise Preempted(f"stopped by {stop.requested} at step {step}; checkpoint "
-                                "saved, run the same command to resume")
+                raise Preempted(
+                    f"stopped by {stop.requested} at step {step}; checkpoint "
+                    "saved, run the same command to resume"
+                )
     progress.close()
 
     grid = sample_grid(step)
     if primary:
-        path = report.write_report(workdir, config, final_step=step, grid_path=grid,
-                                   prompts=prompts)
+        path = report.write_report(
+            workdir, config, final_step=step, grid_path=grid, prompts=prompts
+        )
         log.info("report: %s", path)
     checkpointer.close()
     writer.close()

@@ -23,8 +23,9 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
     )
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip),
         optax.adamw(

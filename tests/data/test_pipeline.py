@@ -15,8 +15,9 @@ def parts(data_dir):
 
 def loader(parts, seed=0, batch=8, **kw):
     source, tokenizer = parts
-    return pipeline.make_loader(source, tokenizer, global_batch_size=batch, max_len=16,
-                                seed=seed, **kw)
+    return pipeline.make_loader(
+        source, tokenizer, global_batch_size=batch, max_len=16, seed=seed, **kw
+    )
 
 
 def test_batch_contract(parts):
@@ -58,8 +59,9 @@ def test_iterator_state_resumes_exactly(parts):
     expected = [next(it)["image"] for _ in range(3)]
     fresh = iter(loader(parts))
     fresh.set_state(state)
-    np.testing.assert_array_equal(np.stack([next(fresh)["image"] for _ in range(3)]),
-                                  np.stack(expected))
+    np.testing.assert_array_equal(
+        np.stack([next(fresh)["image"] for _ in range(3)]), np.stack(expected)
+    )
 
 
 def test_processes_read_disjoint_shards(parts):
@@ -74,8 +76,16 @@ def test_processes_read_disjoint_shards(parts):
     source = [record(i) for i in range(100)]
     seen = []
     for index in range(2):
-        it = pipeline.make_loader(source, tokenizer, global_batch_size=10, max_len=8, seed=0,
-                                  shard_index=index, shard_count=2, num_epochs=1)
+        it = pipeline.make_loader(
+            source,
+            tokenizer,
+            global_batch_size=10,
+            max_len=8,
+            seed=0,
+            shard_index=index,
+            shard_count=2,
+            num_epochs=1,
+        )
         pixels = np.concatenate([b["image"][:, 0, 0, :2] for b in it])
         ids = np.round((pixels + 1) * 127.5).astype(int) @ np.array([1, 256])
         assert len(ids) == 50 and len(set(ids)) == 50

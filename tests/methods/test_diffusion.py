@@ -46,8 +46,10 @@ def test_train_step_on_8_devices_matches_1_device(test_config):
     for a, b in zip(m1, m8, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     assert int(eight.step) == 3
-    moved = [not np.allclose(a, b) for a, b in
-             zip(jax.tree.leaves(one.params), jax.tree.leaves(initial), strict=True)]
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(initial), strict=True)
+    ]
     # Zero-initialised output layers pass gradients on one layer per step, so after 3
     # steps about a quarter of the leaves have moved: enough to make the check above real.
     assert np.mean(moved) > 0.2
@@ -79,8 +81,9 @@ def test_caption_dropout():
     np.testing.assert_array_equal(kept[0], tokens)
     np.testing.assert_array_equal(dropped[0], [[2, 0, 0, 0], [2, 0, 0, 0]])
     np.testing.assert_array_equal(dropped[1], [[True, False, False, False]] * 2)
-    frac = diffusion.drop_captions(jax.random.key(1), jnp.tile(tokens, (5000, 1)),
-                                   jnp.tile(mask, (5000, 1)), 0.1)[1][:, 1].mean()
+    frac = diffusion.drop_captions(
+        jax.random.key(1), jnp.tile(tokens, (5000, 1)), jnp.tile(mask, (5000, 1)), 0.1
+    )[1][:, 1].mean()
     assert abs(1 - float(frac) - 0.1) < 0.015
 
 
@@ -90,8 +93,9 @@ def test_sample_shapes_range_and_determinism(test_config, prediction):
     method = registry.build_method(test_config, VOCAB)
     state = jax.jit(method.init)(jax.random.key(0), random_batch(test_config))
     # Perturb the zero-initialised output layer so samples depend on the text.
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
-                          state.params)
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), state.params
+    )
     text = {k: v[:4] for k, v in random_batch(test_config).items() if k != "image"}
     sample = jax.jit(method.sample, static_argnames=("guidance", "steps", "sampler", "eta"))
     a = sample(params, text, jax.random.key(1))

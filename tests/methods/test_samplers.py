@@ -23,9 +23,18 @@ def gaussian_denoiser(scale: float):
 def run(sampler, steps, key, eta=0.0, scale=0.5, n=20_000, x_T=None):
     x_T = jax.random.normal(jax.random.key(7), (n, 1)) if x_T is None else x_T
     timesteps = samplers.sampling_timesteps(1000, steps)
-    fn = jax.jit(lambda x, k: samplers.sample_loop(
-        gaussian_denoiser(scale), x, ALPHA_BAR, timesteps, k, sampler=sampler, eta=eta,
-        clip_denoised=False))
+    fn = jax.jit(
+        lambda x, k: samplers.sample_loop(
+            gaussian_denoiser(scale),
+            x,
+            ALPHA_BAR,
+            timesteps,
+            k,
+            sampler=sampler,
+            eta=eta,
+            clip_denoised=False,
+        )
+    )
     return fn(x_T, key)
 
 
@@ -44,8 +53,10 @@ def test_ddim_eta0_is_deterministic_and_ignores_the_key():
     assert not np.allclose(c, d)
 
 
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 1000, 0.0), ("ddpm", 100, 0.0),
-                                               ("ddim", 50, 0.0), ("ddim", 100, 1.0)])
+@pytest.mark.parametrize(
+    "sampler,steps,eta",
+    [("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddim", 50, 0.0), ("ddim", 100, 1.0)],
+)
 def test_samplers_reach_the_data_distribution(sampler, steps, eta):
     """With the exact denoiser of N(0, 0.5^2), samples must have std 0.5."""
     x = run(sampler, steps, jax.random.key(3), eta=eta)
@@ -58,6 +69,13 @@ def test_samplers_reach_the_data_distribution(sampler, steps, eta):
 def test_clipping_keeps_x0_in_range():
     x_T = 3.0 * jax.random.normal(jax.random.key(0), (256, 1))
     timesteps = samplers.sampling_timesteps(1000, 10)
-    x = samplers.sample_loop(gaussian_denoiser(4.0), x_T, ALPHA_BAR, timesteps,
-                             jax.random.key(0), sampler="ddim", clip_denoised=True)
+    x = samplers.sample_loop(
+        gaussian_denoiser(4.0),
+        x_T,
+        ALPHA_BAR,
+        timesteps,
+        jax.random.key(0),
+        sampler="ddim",
+        clip_denoised=True,
+    )
     assert float(jnp.abs(x).max()) <= 1.0 + 1e-5

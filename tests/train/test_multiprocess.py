@@ -21,12 +21,32 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "t2i_jax.cli", "train", "--config", f"{EXPERIMENT}:test",
-             "--workdir", str(workdir), f"--config.data.dir={data_dir}", "--no-progress",
-             "--config.train.steps=4", "--config.train.checkpoint_every=2",
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(i)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "t2i_jax.cli",
+                "train",
+                "--config",
+                f"{EXPERIMENT}:test",
+                "--workdir",
+                str(workdir),
+                f"--config.data.dir={data_dir}",
+                "--no-progress",
+                "--config.train.steps=4",
+                "--config.train.checkpoint_every=2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -36,7 +56,9 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
     # Each process saved its own data-iterator position; process 0 alone wrote the logs.
     data = workdir / "checkpoints" / "4" / "data"
     assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     positions = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert positions[0] != positions[1]  # Different shards of the records.
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").open()]
