@@ -63,6 +63,20 @@ def get(table: dict[str, Callable[[], Any]], name: str, key: str) -> Any:
     return table[name]()
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+    """Fails on an unknown registry name before a run creates anything on disk."""
+    for key, table in (
+        ("method", METHODS),
+        ("data.name", DATASETS),
+        ("text.encoder", TEXT_ENCODERS),
+    ):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if node not in table:
+            raise ConfigError(f"unknown {key} '{node}'; choose from {sorted(table)}")
+
+
 def build_method(config: ml_collections.ConfigDict, vocab_size: int):
     return get(METHODS, config.method, "method")(config, vocab_size)
 

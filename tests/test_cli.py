@@ -94,6 +94,7 @@ def test_sample_writes_a_grid(trained, tmp_path):
 def test_bad_config_is_one_line_and_exit_2(tmp_path, data_dir, args, message):
     result = run_cli(*train_args(tmp_path / "w", data_dir, *args))
     assert result.returncode == 2
+    assert not (tmp_path / "w").exists()  # Nothing is created for a config that fails.
     assert result.stderr.strip().splitlines() == [f"t2i: error: {message}"] or (
         message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     ), result.stderr

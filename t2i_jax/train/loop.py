@@ -142,6 +142,7 @@ def train_and_evaluate(
 ) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     config_lib.validate(config)
+    registry.check_names(config)
     primary = jax.process_index() == 0
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
