@@ -3,26 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import EXPERIMENT, REPO, run_cli
+from helpers import run_cli, start_cli, train_args
 from PIL import Image
-
-
-def train_args(workdir, data_dir, *extra):
-    return [
-        "train",
-        "--config",
-        f"{EXPERIMENT}:test",
-        "--workdir",
-        str(workdir),
-        f"--config.data.dir={data_dir}",
-        "--no-progress",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +137,7 @@ def reference(tmp_path_factory, data_dir):
 
 
 def _start(workdir, data_dir):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "t2i_jax.cli", *train_args(workdir, data_dir, *LONG)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli(*train_args(workdir, data_dir, *LONG))
 
 
 def _wait_for_checkpoint(proc, workdir, timeout=300):

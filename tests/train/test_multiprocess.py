@@ -3,10 +3,8 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 
-from helpers import EXPERIMENT, REPO
+from helpers import start_cli, train_args
 
 
 def free_port() -> int:
@@ -18,34 +16,16 @@ def free_port() -> int:
 def test_two_processes_share_a_run(tmp_path, data_dir):
     workdir = tmp_path / "run"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "t2i_jax.cli",
-                "train",
-                "--config",
-                f"{EXPERIMENT}:test",
-                "--workdir",
-                str(workdir),
-                f"--config.data.dir={data_dir}",
-                "--no-progress",
-                "--config.train.steps=4",
-                "--config.train.checkpoint_every=2",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        start_cli(
+            *train_args(workdir, data_dir, "--config.train.steps=4"),
+            "--config.train.checkpoint_every=2",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
         )
         for i in range(2)
     ]
