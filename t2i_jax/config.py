@@ -44,18 +44,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{"train.steps": 100, ...}: every leaf under its dotted key (lists as tuples)."""
+    flat: dict[str, Any] = {}
     for key, value in config.items():
-        name = f"{prefix}{key}"
-        keys.append(name)
         if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(_flat_keys(value, name + "."))
-    return keys
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def _unknown_key_error(key: str, config: ml_collections.ConfigDict) -> ConfigError:
-    close = difflib.get_close_matches(key, _flat_keys(config), n=1)
+    close = difflib.get_close_matches(key, list(flatten(config)), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 

@@ -57,24 +57,21 @@ TEXT_ENCODERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def get(table: dict[str, Callable[[], Any]], name: str, key: str) -> Any:
+def _checked(table: dict[str, Callable[..., Any]], name: str, key: str) -> Callable[..., Any]:
     if name not in table:
         raise ConfigError(f"unknown {key} '{name}'; choose from {sorted(table)}")
-    return table[name]()
+    return table[name]
+
+
+def get(table: dict[str, Callable[[], Any]], name: str, key: str) -> Any:
+    return _checked(table, name, key)()
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:
     """Fails on an unknown registry name before a run creates anything on disk."""
-    for key, table in (
-        ("method", METHODS),
-        ("data.name", DATASETS),
-        ("text.encoder", TEXT_ENCODERS),
-    ):
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        if node not in table:
-            raise ConfigError(f"unknown {key} '{node}'; choose from {sorted(table)}")
+    _checked(METHODS, config.method, "method")
+    _checked(DATASETS, config.data.name, "data.name")
+    _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")
 
 
 def build_method(config: ml_collections.ConfigDict, vocab_size: int):
@@ -82,8 +79,4 @@ def build_method(config: ml_collections.ConfigDict, vocab_size: int):
 
 
 def build_text_encoder(text: ml_collections.ConfigDict, vocab_size: int):
-    if text.encoder not in TEXT_ENCODERS:
-        raise ConfigError(
-            f"unknown text.encoder '{text.encoder}'; choose from {sorted(TEXT_ENCODERS)}"
-        )
-    return TEXT_ENCODERS[text.encoder](text, vocab_size)
+    return _checked(TEXT_ENCODERS, text.encoder, "text.encoder")(text, vocab_size)

@@ -11,8 +11,6 @@ import hashlib
 
 import jax
 
-STREAMS = ("params", "data", "noise", "dropout", "sample")
-
 
 def _stable_int(name: str) -> int:
     # Python's hash() is salted per process; a digest is stable across runs and hosts.

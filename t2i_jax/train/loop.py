@@ -70,10 +70,9 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = config_lib.from_json(f.read())
+        old_flat, new_flat = config_lib.flatten(old), config_lib.flatten(config)
         changed = sorted(
-            k
-            for k in set(_flatten(old)) | set(_flatten(config))
-            if _flatten(old).get(k) != _flatten(config).get(k)
+            k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k)
         )
         if changed:
             log.warning("config differs from the run's saved config in: %s", ", ".join(changed))
@@ -81,16 +80,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 def _run_tokenizer(config, workdir: str, builder) -> Tokenizer:
