@@ -1,0 +1,1 @@
+"""Image and text-image metrics: `init / update / merge / compute` over pytrees."""

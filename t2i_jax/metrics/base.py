@@ -1,0 +1,69 @@
+"""The metric contract: four pure functions over a pytree state.
+
+`update` folds a batch into the state, `merge` combines states from different devices,
+hosts or data shards, and `compute` turns the state into the value, so any number of images
+can be streamed and the same number comes out however the data were split. States of
+per-image means are (sum, count) pairs; `merge` adds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+State = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """init() -> state; update(state, *inputs) -> state; merge(a, b) -> state; compute(state)."""
+
+    init: Callable[[], State]
+    update: Callable[..., State]
+    merge: Callable[[State, State], State]
+    compute: Callable[[State], Any]
+
+
+def add_states(a: State, b: State) -> State:
+    """merge for states whose every leaf is a sum."""
+    return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def mean_metric(per_image: Callable[..., jax.Array]) -> Metric:
+    """A metric that averages `per_image(*inputs) -> [B]` over all images seen.
+
+    The sum is float32 with a Kahan compensation term, so a stream of many batches loses no
+    more precision than one pass over all of them.
+    """
+
+    def init() -> State:
+        zero = jnp.zeros((), jnp.float32)
+        return {"sum": zero, "compensation": zero, "count": jnp.zeros((), jnp.int32)}
+
+    def update(state: State, *inputs) -> State:
+        values = per_image(*inputs).astype(jnp.float32)
+        y = jnp.sum(values) - state["compensation"]
+        total = state["sum"] + y
+        return {
+            "sum": total,
+            "compensation": (total - state["sum"]) - y,
+            "count": state["count"] + values.shape[0],
+        }
+
+    def merge(a: State, b: State) -> State:
+        total = a["sum"] + b["sum"]
+        return {
+            "sum": total,
+            # The rounding of this addition joins the compensation, as in update.
+            "compensation": a["compensation"] + b["compensation"] + ((total - a["sum"]) - b["sum"]),
+            "count": a["count"] + b["count"],
+        }
+
+    def compute(state: State) -> jax.Array:
+        return (state["sum"] - state["compensation"]) / state["count"]
+
+    return Metric(init, update, merge, compute)
