@@ -46,7 +46,7 @@ class _StorageType:
 def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
     """torch._utils._rebuild_tensor_v2 for numpy: a strided view of the storage, copied."""
     if not size:
-        return storage[offset].copy()
+        return np.array(storage[offset])  # 0-d array, not a numpy scalar
     strides = tuple(s * storage.itemsize for s in stride)
     return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
 
