@@ -1,10 +1,15 @@
-"""`t2i` command line: train | sample | data.
+"""`t2i` command line: train | sample | eval | metrics | data.
 
   t2i train --config experiments/diffusion_shapes.py:demo --workdir runs/demo \
       [--config.KEY=VALUE ...]
   t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
       [--guidance 3] [--steps 50] [--sampler ddim] --out samples.png
+  t2i eval --workdir runs/demo [--num 256] [--seed 0]
+  t2i metrics fid DIR_A DIR_B [--inception-weights FILE] [--batch-size 50]
+  t2i metrics psnr|ssim|ms_ssim A B [--data-range 255]
+  t2i metrics lpips A B --backbone-weights FILE [--net alex|vgg|squeeze]
   t2i data prepare t2i_shapes [--data-dir data] [--variant default] [--vocab-size 128]
+  t2i data evaluators t2i_shapes [--data-dir data] [--variant default] [--seed 0]
 
 Bad input (unknown config key, wrong type, missing workdir or file, corrupt checkpoint)
 prints one line, `t2i: error: ...`, and exits with status 2. A run stopped by SIGTERM or
@@ -14,7 +19,9 @@ SIGINT saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same co
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from t2i_jax.errors import UserError
@@ -72,6 +79,43 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--eta", type=float, default=None)
     sample.add_argument("--out", required=True, help="output PNG")
 
+    evaluate = sub.add_parser(
+        "eval", help="sample a run's validation and compositional captions and score them"
+    )
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--num", type=int, default=256, help="captions per split")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+
+    metrics = sub.add_parser("metrics", help="compare two image folders (or two images)")
+    metrics_sub = metrics.add_subparsers(dest="metric", required=True)
+    fid = metrics_sub.add_parser("fid", help="FID as pytorch-fid (folders or .npz statistics)")
+    fid.add_argument("path_a")
+    fid.add_argument("path_b")
+    fid.add_argument(
+        "--inception-weights",
+        help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a .safetensors conversion "
+        "(default: torch's hub cache)",
+    )
+    fid.add_argument("--batch-size", type=int, default=50)
+    fid.add_argument("--json", help="also write the result, with sample counts and hashes")
+    for name in ("psnr", "ssim", "ms_ssim"):
+        pixel = metrics_sub.add_parser(name, help=f"{name.upper()}, per image pair then mean")
+        pixel.add_argument("path_a")
+        pixel.add_argument("path_b")
+        pixel.add_argument("--data-range", type=float, default=255.0)
+        pixel.add_argument("--json")
+    lpips = metrics_sub.add_parser("lpips", help="LPIPS v0.1, per image pair then mean")
+    lpips.add_argument("path_a")
+    lpips.add_argument("path_b")
+    lpips.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex")
+    lpips.add_argument(
+        "--backbone-weights",
+        help="torchvision state dict of the backbone (e.g. alexnet-owt-7be5be79.pth)",
+    )
+    lpips.add_argument("--batch-size", type=int, default=32)
+    lpips.add_argument("--json")
+
     data = sub.add_parser("data", help="data set commands")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="build a data set and its tokenizer")
@@ -79,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data-dir", default="data")
     prepare.add_argument("--variant", default="default")
     prepare.add_argument("--vocab-size", type=int, default=128)
+    evaluators = data_sub.add_parser(
+        "evaluators",
+        help="train the attribute probe and contrastive encoder that `t2i eval` scores with",
+    )
+    evaluators.add_argument("name")
+    evaluators.add_argument("--data-dir", default="data")
+    evaluators.add_argument("--variant", default="default")
+    evaluators.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -147,9 +199,67 @@ def _sample(args) -> int:
     return 0
 
 
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+
+def _metrics(args) -> int:
+    if args.metric == "fid":
+        from t2i_jax.metrics.fid import fid_of_paths
+
+        result = fid_of_paths(
+            args.path_a,
+            args.path_b,
+            inception_weights=args.inception_weights,
+            batch_size=args.batch_size,
+        ).to_dict()
+        print(
+            f"FID: {result['value']:.6f}  ({result['count_a']} vs {result['count_b']} images; "
+            f"statistics {result['digest_a']} vs {result['digest_b']})"
+        )
+    else:
+        if args.metric == "lpips":
+            from t2i_jax.metrics.lpips import compare_images
+
+            result = compare_images(
+                args.path_a,
+                args.path_b,
+                net=args.net,
+                backbone_weights=args.backbone_weights,
+                batch_size=args.batch_size,
+            )
+        else:
+            from t2i_jax.metrics.pixel import compare_images
+
+            result = compare_images(
+                args.metric, args.path_a, args.path_b, data_range=args.data_range
+            )
+        print(f"{result['metric'].upper()}: {result['value']:.6f}  ({result['count']} pairs)")
+    _write_json(args.json, result)
+    return 0
+
+
+def _eval(args) -> int:
+    from t2i_jax.eval.evaluate import evaluate_run
+
+    if args.num < 1:
+        raise UserError(f"--num must be at least 1, got {args.num}")
+    evaluate_run(args.workdir, num=args.num, seed=args.seed, batch_size=args.batch_size)
+    print(f"wrote {os.path.join(args.workdir, 'eval', 'metrics.json')}")
+    return 0
+
+
 def _data(args) -> int:
     from t2i_jax.data import sources
 
+    if args.data_command == "evaluators":
+        from t2i_jax.eval.evaluators import train_evaluators
+
+        train_evaluators(args.name, args.data_dir, args.variant, seed=args.seed)
+        return 0
     builder = sources.prepare(args.name, args.data_dir, args.variant)
     tokenizer = sources.prepare_tokenizer(builder, args.vocab_size)
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
@@ -176,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, overrides)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "metrics":
+            return _metrics(args)
         return _data(args)
     except UserError as e:
         print(f"t2i: error: {e}", file=sys.stderr)

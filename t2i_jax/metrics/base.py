@@ -33,11 +33,17 @@ def add_states(a: State, b: State) -> State:
     return jax.tree.map(lambda x, y: x + y, a, b)
 
 
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
 def mean_metric(per_image: Callable[..., jax.Array]) -> Metric:
     """A metric that averages `per_image(*inputs) -> [B]` over all images seen.
 
     The sum is float32 with a Kahan compensation term, so a stream of many batches loses no
-    more precision than one pass over all of them.
+    more precision than one pass over all of them. An infinite value (PSNR of identical
+    images) makes the mean infinite; the compensation is kept finite so it never turns the
+    sum into NaN.
     """
 
     def init() -> State:
@@ -50,7 +56,7 @@ def mean_metric(per_image: Callable[..., jax.Array]) -> Metric:
         total = state["sum"] + y
         return {
             "sum": total,
-            "compensation": (total - state["sum"]) - y,
+            "compensation": _finite_or_zero((total - state["sum"]) - y),
             "count": state["count"] + values.shape[0],
         }
 
@@ -59,7 +65,9 @@ def mean_metric(per_image: Callable[..., jax.Array]) -> Metric:
         return {
             "sum": total,
             # The rounding of this addition joins the compensation, as in update.
-            "compensation": a["compensation"] + b["compensation"] + ((total - a["sum"]) - b["sum"]),
+            "compensation": _finite_or_zero(
+                a["compensation"] + b["compensation"] + ((total - a["sum"]) - b["sum"])
+            ),
             "count": a["count"] + b["count"],
         }
 

@@ -179,7 +179,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             from safetensors.numpy import load_file
 
             return dict(load_file(path))
-        obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+        if zipfile.is_zipfile(path):
+            obj = _load_zip(path)
+        else:
+            with open(path, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":  # a zip whose directory (at the end) is cut off
+                    raise CheckpointError(f"{path}: truncated or damaged zip archive")
+            obj = _load_legacy(path)
     except CheckpointError:
         raise
     except Exception as e:  # A damaged file fails in many ways; all are the file's fault.
