@@ -48,15 +48,16 @@ def test_pixel_metric_of_two_folders_equals_skimage(folders, metric):
     assert result.stdout.startswith(f"{metric.upper()}: ")
     reported = json.loads(out.read_text())
     x, y = clean.astype(np.float64), noisy.astype(np.float64)
+    pairs = list(zip(x, y, strict=True))
     if metric == "psnr":
-        expected = [skimage.metrics.peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(x, y)]
+        expected = [skimage.metrics.peak_signal_noise_ratio(a, b, data_range=255) for a, b in pairs]
     else:
         expected = [
             skimage.metrics.structural_similarity(
                 a, b, gaussian_weights=True, use_sample_covariance=False, sigma=1.5,
                 data_range=255, channel_axis=-1,
             )
-            for a, b in zip(x, y)
+            for a, b in pairs
         ]  # fmt: skip
     assert reported["count"] == 4
     # float32 (ours) against float64 (skimage) of the same formula.
