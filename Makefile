@@ -30,8 +30,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check t2i_jax tests experiments benchmarks
 	$(BIN)/ruff format --check t2i_jax tests experiments benchmarks
 
-bench: $(VENV)/.installed-base
+# metrics_speed.py times the reference implementations too: it needs the test extra.
+bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/metrics_speed.py
 
 clean-demo:
 	rm -rf $(WORKDIR)
