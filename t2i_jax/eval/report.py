@@ -1,4 +1,8 @@
-"""`report.md` of a run: the latest sample grid, the loss curve and the run's facts."""
+"""`report.md` of a run: the latest sample grid, the loss curve and the run's facts.
+
+`eval.evaluate.evaluate_run` adds an "## Evaluation" section (`write_section`); rewriting the
+training part of the report (a resumed or extended run) keeps that section at the end.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,38 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from t2i_jax.train.logging import read_metrics  # noqa: E402
+
+EVALUATION_HEADING = "## Evaluation"
+
+
+def _cut_section(text: str, heading: str) -> tuple[str, str]:
+    """(text without the section, the section) for the `heading` line up to the next "## "."""
+    lines = text.splitlines()
+    if heading not in lines:
+        return text, ""
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rest = lines[:start] + lines[end:]
+    return "\n".join(rest).rstrip("\n") + "\n", "\n".join(lines[start:end]).rstrip("\n") + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_section(workdir: str, heading: str, body: list[str]) -> str:
+    """Adds (or replaces) the section `heading` at the end of `workdir/report.md`."""
+    path = os.path.join(workdir, "report.md")
+    if os.path.isfile(path):
+        with open(path) as f:
+            text, _ = _cut_section(f.read(), heading)
+    else:
+        text = f"# Run report: {os.path.basename(os.path.abspath(workdir))}\n"
+    _write_atomic(path, text + "\n" + "\n".join([heading, "", *body]).rstrip("\n") + "\n")
+    return path
 
 
 def plot_metric(records: list[dict], name: str, path: str) -> bool:
@@ -73,6 +109,13 @@ def write_report(
     if has_plot:
         lines += ["## Loss", "", "![loss](loss.png)", ""]
     path = os.path.join(workdir, "report.md")
+    evaluation = ""
+    if os.path.isfile(path):  # Keep the section evaluate_run wrote.
+        with open(path) as f:
+            _, evaluation = _cut_section(f.read(), EVALUATION_HEADING)
+    text = "\n".join(lines)
+    if evaluation:
+        text = text.rstrip("\n") + "\n\n" + evaluation
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     return path

@@ -1,0 +1,114 @@
+"""evaluate_run on a tiny trained run: metrics.json, sample grids, the report's table."""
+
+import json
+import os
+
+import pytest
+from helpers import EXPERIMENT
+
+from t2i_jax import config as config_lib
+from t2i_jax.errors import UserError
+from t2i_jax.eval import report
+from t2i_jax.eval.evaluate import evaluate_run
+from t2i_jax.train.loop import train_and_evaluate
+
+NUM = 16  # captions per split; the small splits have 64
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """A 2-step run of the experiment's `test` variant on the session's small data."""
+    config = config_lib.load_config(f"{EXPERIMENT}:test")
+    config.data.dir = data_dir
+    config.train.steps = 2
+    config.train.checkpoint_every = 2
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train_and_evaluate(config, workdir, show_progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    first = evaluate_run(run, num=NUM, seed=0, batch_size=8)
+    with open(os.path.join(run, "eval", "metrics.json")) as f:
+        first_file = json.load(f)
+    second = evaluate_run(run, num=NUM, seed=0, batch_size=8)
+    return run, first, first_file, second
+
+
+def test_same_seed_same_numbers(evaluated):
+    run, first, first_file, second = evaluated
+    with open(os.path.join(run, "eval", "metrics.json")) as f:
+        second_file = json.load(f)
+    assert first_file == second_file
+    assert json.loads(json.dumps(first)) == first_file
+    assert first["step"] == 2 and first["num"] == NUM and first["seed"] == 0
+    assert set(first["evaluators"]) == {"seed", "probe", "contrastive"}
+
+
+def test_metrics_cover_both_splits_and_references(evaluated):
+    _, metrics, _, _ = evaluated
+    assert set(metrics["splits"]) == {"validation", "compositional"}
+    for split in metrics["splits"].values():
+        assert split["num_mismatched"] <= NUM - 1 and split["folds"] == 10
+        gen, real = split["generated"], split["real"]
+        for m in (gen, real):
+            acc = m["attribute_accuracy"]
+            assert "position2" not in acc  # never named by a caption
+            # Whole caption <= every attribute that every caption names.
+            everywhere = ("num_objects", "shape", "color", "size")
+            assert 0.0 <= acc["caption"] <= min(acc[k] for k in everywhere)
+            assert 0.0 <= m["r_precision"] <= 1.0 and m["clip_score"] >= 0.0
+        assert gen["probe_fd"] > 0.0
+        # Real vs real on other examples of the same split (64 >= 2 * 16).
+        assert real["probe_fd"] is not None and real["probe_fd"] < gen["probe_fd"]
+        # A 2-step generator is far from the real images of the captions.
+        assert real["attribute_accuracy"]["color"] > gen["attribute_accuracy"]["color"]
+
+
+def test_grids_and_report_section(evaluated):
+    run, metrics, _, _ = evaluated
+    for split in ("validation", "compositional"):
+        assert os.path.getsize(os.path.join(run, "eval", f"samples_{split}.png")) > 0
+    with open(os.path.join(run, "report.md")) as f:
+        text = f.read()
+    assert text.startswith("# Run report:")
+    assert "## Samples at step 2" in text  # the training part is still there
+    assert text.count("## Evaluation") == 1  # evaluated twice: replaced, not appended
+    row = next(line for line in text.splitlines() if line.startswith("| R-precision |"))
+    value = metrics["splits"]["validation"]["generated"]["r_precision"]
+    assert row.split("|")[2].strip() == f"{value:.3f}"
+    assert "| probe_fd (lower is better) |" in text
+
+
+def test_different_seed_different_samples(run, evaluated):
+    _, first, _, _ = evaluated
+    other = evaluate_run(run, num=NUM, seed=1, batch_size=8)
+    a = first["splits"]["validation"]["generated"]["probe_fd"]
+    assert other["splits"]["validation"]["generated"]["probe_fd"] != a
+    assert other["seed"] == 1
+
+
+def test_training_report_keeps_the_evaluation(evaluated):
+    run, _, _, _ = evaluated
+    config = config_lib.load_config(f"{EXPERIMENT}:test")
+    with open(os.path.join(run, "report.md")) as f:
+        section = f.read().split("## Evaluation", 1)[1]
+    report.write_report(
+        run, config, final_step=2, grid_path=os.path.join(run, "samples", "step_2.png"), prompts=[]
+    )
+    with open(os.path.join(run, "report.md")) as f:
+        text = f.read()
+    assert text.count("## Evaluation") == 1 and text.endswith(section)
+    assert text.index("## Samples at step 2") < text.index("## Evaluation")
+
+
+def test_write_section_without_a_report(tmp_path):
+    path = report.write_section(str(tmp_path), "## Evaluation", ["| a |", "|---|"])
+    with open(path) as f:
+        assert f.read() == f"# Run report: {tmp_path.name}\n\n## Evaluation\n\n| a |\n|---|\n"
+
+
+def test_too_few_captions_is_an_error(run):
+    with pytest.raises(UserError, match="at least 2"):
+        evaluate_run(run, num=1, seed=0)
