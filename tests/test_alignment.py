@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from t2i_jax.data import sources
+from t2i_jax.data import shapes, sources
 from t2i_jax.errors import DataError
 from t2i_jax.eval import evaluators as ev
 from t2i_jax.metrics import alignment
@@ -233,6 +233,22 @@ def test_evaluators_stored_and_reloaded(small, data_dir):
     assert accuracy == info["probe"]["test_accuracy"]
     assert ev.contrastive_scores(again, test, seed=0) == info["contrastive"]["test"]
     assert again.digests == info["digests"]
+
+
+def test_held_out_scenes_are_new_scenes_of_held_out_pairs(small):
+    _, builder = small
+    extra = ev.held_out_scenes(builder, 32, seed=0)
+    a = extra.attributes
+    two = a["num_objects"] == 2
+    held = [shapes.is_held_out(s, c) for s, c in zip(a["shape"], a["color"], strict=True)]
+    held2 = [two[i] and shapes.is_held_out(a["shape2"][i], a["color2"][i]) for i in range(32)]
+    assert all(h or h2 for h, h2 in zip(held, held2, strict=True))
+    # Another seed than the data set's, so not the compositional split's records (a single
+    # scene can still coincide: one object has only 3 pairs x 2 sizes x 9 positions).
+    split = ev.load_examples(builder, "compositional", 32)
+    same = (split.images == extra.images).all(axis=(1, 2, 3))
+    assert same.mean() < 0.5 and extra.captions != split.captions
+    assert extra.captions == ev.held_out_scenes(builder, 32, seed=0).captions
 
 
 def test_small_evaluators_beat_chance_by_far(small):

@@ -1,14 +1,20 @@
 """The built-in alignment evaluators of `t2i_shapes`: an attribute probe and a contrastive encoder.
 
 `train_evaluators(name, data_dir, variant, seed=...)` trains both on the real training split
-(jit-compiled steps, every draw from the seed), measures them on the real
-`test` split and stores them under `<builder.data_dir>/evaluators/`:
+plus scenes with the held-out (shape, colour) pairs (jit-compiled steps, every draw from the
+seed), measures them on the real `test` and `compositional` splits and stores them under
+`<builder.data_dir>/evaluators/`:
 
   evaluators.json          architecture configs, training plan, seed, tokenizer file, digests,
                            real-test probe accuracy per attribute, real-test R-precision
   probe.safetensors        AttributeProbe params (flattened with "/")
   contrastive.safetensors  ContrastiveEncoder params
   tokenizer.model          the data set's SentencePiece model the text tower was trained with
+
+The evaluators must recognise the held-out pairs that the generators never see, or the
+`compositional` scores would measure the evaluators' blind spot. So they also train on
+`Plan.held_out_scenes` scenes made by `shapes.make_example(.., "compositional", i)` under a
+seed of their own: the same kind of scenes as the `compositional` split, never its records.
 
 The folder is written under a temporary name and renamed into place, so a killed run leaves
 either the previous evaluators or none, never half of them. `load_evaluators` reads them (and
@@ -35,14 +41,14 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from t2i_jax import rng
-from t2i_jax.data import sources
+from t2i_jax.data import shapes, sources
 from t2i_jax.errors import DataError
 from t2i_jax.metrics import alignment
 from t2i_jax.nets.contrastive import ContrastiveEncoder, info_nce
 from t2i_jax.nets.probe import HEADS, AttributeProbe
 from t2i_jax.text.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trained with held-out scenes too
 DIRNAME = "evaluators"
 SUPPORTED = ("t2i_shapes",)  # The probe's heads are this data set's attributes.
 TOKENIZER_VOCAB = 128  # The data set's tokenizer file the runs use by default.
@@ -55,6 +61,7 @@ class Plan:
 
     probe_steps: int
     contrastive_steps: int
+    held_out_scenes: int
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -63,10 +70,13 @@ class Plan:
 # Measured on a 2-core CPU: `default` trains both in a few minutes; `small` (512 training
 # images) is for tests and reaches lower accuracy.
 PLANS: dict[str, Plan] = {
-    "default": Plan(probe_steps=800, contrastive_steps=600),
-    "small": Plan(probe_steps=150, contrastive_steps=150, batch_size=64, lr=3e-3),
+    "default": Plan(probe_steps=800, contrastive_steps=600, held_out_scenes=4000),
+    "small": Plan(
+        probe_steps=150, contrastive_steps=150, held_out_scenes=128, batch_size=64, lr=3e-3
+    ),
 }
-PROBE_CONFIG = {"channels": (32, 64, 128), "features": 256}
+# 128 features: `t2i eval`'s default 256 images per split give a full-rank covariance.
+PROBE_CONFIG = {"channels": (32, 64, 128), "features": 128}
 CONTRASTIVE_CONFIG = {
     "max_len": 32,
     "embed_dim": 128,
@@ -108,6 +118,30 @@ def load_examples(builder, split: str, num: int | None = None) -> Examples:
             k: np.asarray([r["attributes"][k] for r in records], np.int32)
             for k in records[0]["attributes"]
         },
+    )
+
+
+def held_out_scenes(builder, num: int, seed: int) -> Examples:
+    """`num` scenes with held-out pairs, drawn under the evaluators' seed, not the data's."""
+    scene_seed = rng.stream_seed(seed, "evaluators/held_out_scenes")
+    if scene_seed == builder.builder_config.seed:
+        raise DataError("evaluator scene seed collides with the data set's seed")
+    examples = [shapes.make_example(scene_seed, "compositional", i) for i in range(num)]
+    return Examples(
+        images=np.stack([e["image"] for e in examples]),
+        captions=[e["caption"] for e in examples],
+        attributes={
+            k: np.asarray([e["attributes"][k] for e in examples], np.int32)
+            for k in examples[0]["attributes"]
+        },
+    )
+
+
+def concat(a: Examples, b: Examples) -> Examples:
+    return Examples(
+        images=np.concatenate([a.images, b.images]),
+        captions=a.captions + b.captions,
+        attributes={k: np.concatenate([a.attributes[k], b.attributes[k]]) for k in a.attributes},
     )
 
 
@@ -367,8 +401,11 @@ def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -
     plan = PLANS.get(variant, PLANS["default"])
     tokenizer_file = f"spm_vocab{TOKENIZER_VOCAB}.model"
     tokenizer = sources.prepare_tokenizer(builder, TOKENIZER_VOCAB)
-    train = load_examples(builder, "train")
+    train = concat(
+        load_examples(builder, "train"), held_out_scenes(builder, plan.held_out_scenes, seed)
+    )
     test = load_examples(builder, "test")
+    compositional = load_examples(builder, "compositional")
 
     start = time.perf_counter()
     probe_params, probe_loss = train_probe(train, seed=seed, plan=plan)
@@ -403,6 +440,8 @@ def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -
     )
     info["probe"]["test_accuracy"] = probe_accuracy(evaluators, test)
     info["contrastive"]["test"] = contrastive_scores(evaluators, test, seed=seed)
+    info["probe"]["compositional_accuracy"] = probe_accuracy(evaluators, compositional)
+    info["contrastive"]["compositional"] = contrastive_scores(evaluators, compositional, seed=seed)
 
     store_evaluators(evaluators_dir(builder), evaluators)
     _print_summary(info)
@@ -442,19 +481,22 @@ def store_evaluators(path: str, evaluators: Evaluators) -> None:
 
 
 def _print_summary(info: dict) -> None:
-    acc = info["probe"]["test_accuracy"]
-    scores = info["contrastive"]["test"]
-    print(
-        f"attribute probe ({info['probe']['train_seconds']} s): real test accuracy "
-        + ", ".join(f"{k} {acc[k]:.4f}" for k in (*alignment.PROBE_ATTRIBUTES, "caption")),
-        flush=True,
-    )
-    print(
-        f"contrastive encoder ({info['contrastive']['train_seconds']} s): real test "
-        f"R-precision {scores['r_precision']:.4f} +- {scores['r_precision_std']:.4f} "
-        f"({scores['num_mismatched']} mismatched), CLIP-style score {scores['clip_score']:.2f}",
-        flush=True,
-    )
+    for split in ("test", "compositional"):
+        acc = info["probe"][f"{split}_accuracy"]
+        print(
+            f"attribute probe ({info['probe']['train_seconds']} s): real {split} accuracy "
+            + ", ".join(f"{k} {acc[k]:.4f}" for k in (*alignment.PROBE_ATTRIBUTES, "caption")),
+            flush=True,
+        )
+    for split in ("test", "compositional"):
+        scores = info["contrastive"][split]
+        print(
+            f"contrastive encoder ({info['contrastive']['train_seconds']} s): real {split} "
+            f"R-precision {scores['r_precision']:.4f} +- {scores['r_precision_std']:.4f} "
+            f"({scores['num_mismatched']} mismatched), CLIP-style score "
+            f"{scores['clip_score']:.2f}",
+            flush=True,
+        )
 
 
 def _unflat(flat: dict[str, np.ndarray]) -> dict:
