@@ -1,5 +1,6 @@
 """The `t2i` entry point, run as a user runs it: separate processes, real files."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,19 @@ def test_sample_writes_a_grid(trained, tmp_path):
     assert grid.shape[1] == 2 * (128 + 4) + 4 and grid.shape[0] > 2 * 128
     assert run_cli(*args[:-1], str(tmp_path / "again.png")).returncode == 0
     np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_eval_scores_a_run(trained):
+    workdir, _ = trained
+    result = run_cli("eval", "--workdir", str(workdir), "--num", "8", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"wrote {workdir}/eval/metrics.json"
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert (metrics["num"], metrics["seed"], metrics["step"]) == (8, 1, 6)
+    for split in ("validation", "compositional"):
+        generated = metrics["splits"][split]["generated"]
+        assert set(generated) >= {"attribute_accuracy", "probe_fd", "r_precision", "clip_score"}
+    assert "## Evaluation" in (workdir / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
