@@ -133,3 +133,18 @@ def test_missing_and_foreign_files(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_state_dict(str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "offset,size,stride",
+    [(0, (5,), (1,)), (2, (2, 2), (2, 1)), (0, (2,), (4,)), (0, (2,), (-1,)), (-1, (2,), (1,))],
+)
+def test_tensors_reaching_outside_their_storage_are_refused(offset, size, stride):
+    from t2i_jax.nets.torch_weights import _rebuild_tensor
+
+    # A crafted file could ask for a strided view past the end of its 4-element storage.
+    with pytest.raises(CheckpointError):
+        _rebuild_tensor(np.arange(4, dtype=np.float32), offset, size, stride)
+    np.testing.assert_array_equal(
+        _rebuild_tensor(np.arange(4, dtype=np.float32), 1, (3,), (1,)), [1, 2, 3]
+    )

@@ -44,7 +44,21 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2 for numpy: a strided view of the storage, copied."""
+    """torch._utils._rebuild_tensor_v2 for numpy: a strided view of the storage, copied.
+
+    The view is checked to lie inside the storage first: as_strided trusts its arguments,
+    and a crafted file could otherwise make it read memory outside the buffer.
+    """
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise CheckpointError("tensor without a storage")
+    ints = (offset, *size, *stride)
+    if not all(isinstance(v, int) and v >= 0 for v in ints) or len(size) != len(stride):
+        raise CheckpointError(f"malformed tensor: offset {offset}, size {size}, stride {stride}")
+    if 0 in size:
+        return np.zeros(tuple(size), storage.dtype)
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+    if last >= storage.size:
+        raise CheckpointError(f"tensor of size {tuple(size)} runs past its storage")
     if not size:
         return np.array(storage[offset])  # 0-d array, not a numpy scalar
     strides = tuple(s * storage.itemsize for s in stride)
