@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -200,10 +201,19 @@ def _sample(args) -> int:
 
 
 def _write_json(path: str | None, result: dict) -> None:
-    if path:
+    if not path:
+        return
+    # JSON has no inf (PSNR of identical images): write it as the string "inf".
+    result = {
+        k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in result.items()
+    }
+    try:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _metrics(args) -> int:

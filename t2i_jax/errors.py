@@ -13,5 +13,9 @@ class DataError(UserError):
     """A data set, caption or image cannot be read or is malformed."""
 
 
+class MetricError(UserError, ValueError):
+    """A metric cannot be computed from these inputs (too few samples, mismatched features)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not match the run's config."""

@@ -79,6 +79,8 @@ def test_bad_inputs_fail_with_one_line(folders, tmp_path):
     (tmp_path / "broken").mkdir()
     Image.fromarray(clean[0]).save(tmp_path / "broken" / "000.png")
     (tmp_path / "broken" / "001.png").write_bytes(b"not a png")
+    wide = str(tmp_path / "wide.png")  # 16-bit: converting it to 8-bit would clip it
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(wide)
     cases = {
         ("metrics", "ssim", str(root / "a"), str(tmp_path / "missing")): "missing",
         ("metrics", "ssim", str(root / "a"), str(tmp_path / "broken")): "has 4 images but",
@@ -86,6 +88,10 @@ def test_bad_inputs_fail_with_one_line(folders, tmp_path):
             "cannot read image"
         ),
         ("metrics", "lpips", str(root / "a"), str(root / "b")): "--backbone-weights",
+        ("metrics", "psnr", wide, wide): "16-bit",
+        ("metrics", "psnr", str(root / "a"), str(root / "b"), "--json", "/nonexistent/x.json"): (
+            "cannot write /nonexistent/x.json"
+        ),
         (
             "metrics", "fid", str(root / "a"), str(root / "b"),
             "--inception-weights", str(tmp_path / "nope.pth"),

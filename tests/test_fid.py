@@ -21,7 +21,7 @@ from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pfi
 
-from t2i_jax.errors import CheckpointError
+from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import fid, frechet
 from t2i_jax.nets import inception as inception_net
 from t2i_jax.nets.torch_weights import load_state_dict
@@ -234,7 +234,17 @@ def test_fid_of_npz_statistics_matches_pytorch_fid_command(reference, tmp_path, 
     assert result.value == pytest.approx(expected, rel=1e-12)
     d = result.to_dict()
     assert d["count_a"] == d["count_b"] == -1 and d["digest_a"] != d["digest_b"]
-    assert set(d) == {"value", "count_a", "count_b", "digest_a", "digest_b", "weights"}
+    assert set(d) == {
+        "value",
+        "count_a",
+        "count_b",
+        "digest_a",
+        "digest_b",
+        "weights",
+        "path_a",
+        "path_b",
+    }
+    assert (d["path_a"], d["path_b"]) == tuple(paths)
 
 
 def test_fid_command_on_two_folders_gives_pytorch_fids_number(reference, folders, tmp_path):
@@ -356,3 +366,12 @@ def test_weight_errors_are_clear(reference, tmp_path, monkeypatch):
     extra = {**state, "AuxLogits.fc.weight": np.zeros((1008, 768), np.float32)}
     with pytest.raises(CheckpointError, match="unexpected tensors AuxLogits.fc.weight"):
         inception_net.convert_state_dict(extra, where)
+
+
+def test_fid_input_errors_are_metric_errors(ours, folders):
+    one = os.path.join(folders["a"], "000.png")
+    with pytest.raises(MetricError, match="at least 2 samples"):
+        fid.fid_of_paths(one, folders["b"], inception_weights=ours, batch_size=BATCH)
+    # Model samples in [-1, 1] must be mapped to [0, 1] first.
+    with pytest.raises(MetricError, match=r"floats in \[0, 1\]"):
+        ours(np.full((1, SIZE, SIZE, 3), -0.5, np.float32))

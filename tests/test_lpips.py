@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 from skimage import data as skdata
 
-from t2i_jax.errors import CheckpointError
+from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import lpips as ours
 from t2i_jax.metrics import perceptual
 from t2i_jax.nets import lpips_backbones
@@ -297,3 +297,11 @@ def test_perceptual_loss_is_a_usable_training_loss(vgg, photos):
     # The VGG weights are constants of the loss.
     param_grad = jax.jit(jax.grad(lambda p: loss(p, x, y).sum()))(params)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(param_grad))
+
+
+def test_images_too_small_for_the_backbone_are_an_error():
+    model = ours.load_lpips("alex", random_backbone_seed=0)
+    x = np.zeros((1, 16, 16, 3), np.float32)
+    # AlexNet's pools leave an empty map at 16x16; the mean of nothing would be NaN.
+    with pytest.raises(MetricError, match="too small"):
+        ours.lpips_distance(model, x, x)

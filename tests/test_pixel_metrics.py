@@ -293,3 +293,12 @@ def test_compare_images_of_a_folder_with_itself(png_folders):
     np.testing.assert_allclose(ssim["per_image"], 1.0, rtol=1e-6)
     with pytest.raises(UserError, match="data range must be positive"):
         pixel.compare_images("ssim", str(root / "a"), str(root / "a"), data_range=0.0)
+
+
+def test_psnr_of_16_bit_values_with_an_integer_data_range():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65536, (2, 16, 16, 3)).astype(np.float32)
+    y = np.clip(x + rng.normal(0, 500, x.shape), 0, 65535).astype(np.float32)
+    # An int data_range squared in int32 would overflow (65535^2 > 2^31).
+    expected = [peak_signal_noise_ratio(a, b, data_range=65535) for a, b in zip(x, y, strict=True)]
+    np.testing.assert_allclose(pixel.psnr(x, y, data_range=65535), expected, rtol=1e-5)

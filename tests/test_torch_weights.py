@@ -1,8 +1,10 @@
 """The restricted reader of torch weight files: exact round trips, refused pickles, damage."""
 
 import collections
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -148,3 +150,47 @@ def test_tensors_reaching_outside_their_storage_are_refused(offset, size, stride
     np.testing.assert_array_equal(
         _rebuild_tensor(np.arange(4, dtype=np.float32), 1, (3,), (1,)), [1, 2, 3]
     )
+
+
+def _legacy_bytes(keys: list[str], values: np.ndarray) -> bytes:
+    """A file in torch's legacy format written by hand, with a chosen storage key list."""
+    storage = object()
+
+    class Tensor:
+        def __reduce__(self):
+            args = (storage, 0, (values.size,), (1,), False, collections.OrderedDict())
+            return torch._utils._rebuild_tensor_v2, args
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", values.size, None)
+            return None
+
+    main = io.BytesIO()
+    Pickler(main, protocol=2).dump({"w": Tensor()})
+    header = b"".join(
+        pickle.dumps(x, protocol=2)
+        for x in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True})
+    )
+    raw = struct.pack("<q", values.size) + values.astype("<f4").tobytes()
+    return header + main.getvalue() + pickle.dumps(keys, protocol=2) + raw
+
+
+def test_legacy_storage_list_must_cover_every_tensor(tmp_path):
+    values = np.arange(4, dtype=np.float32)
+    (tmp_path / "ok.pth").write_bytes(_legacy_bytes(["0"], values))
+    np.testing.assert_array_equal(load_state_dict(str(tmp_path / "ok.pth"))["w"], values)
+    # Without its key the storage's bytes are never read: an error, not a tensor of zeros.
+    (tmp_path / "bad.pth").write_bytes(_legacy_bytes([], values))
+    with pytest.raises(CheckpointError, match="storage list"):
+        load_state_dict(str(tmp_path / "bad.pth"))
+
+
+def test_pickle_cannot_retype_a_storage(tmp_path):
+    # GLOBAL torch.FloatStorage, then BUILD with {"dtype": "<U4"}: would make string tensors.
+    payload = b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x03\x00\x00\x00<U4sb."
+    path = tmp_path / "retype.pth"
+    path.write_bytes(payload)
+    with pytest.raises(CheckpointError, match="modify a storage type"):
+        load_state_dict(str(path))

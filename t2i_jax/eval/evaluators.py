@@ -53,6 +53,7 @@ DIRNAME = "evaluators"
 SUPPORTED = ("t2i_shapes",)  # The probe's heads are this data set's attributes.
 TOKENIZER_VOCAB = 128  # The data set's tokenizer file the runs use by default.
 EVAL_BATCH = 250
+PROBE_TARGET = 0.99  # per attribute, on real test images, for a probe worth trusting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +446,14 @@ def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -
 
     store_evaluators(evaluators_dir(builder), evaluators)
     _print_summary(info)
+    weak = [
+        f"{split} {k} {v:.4f}"
+        for split in ("test", "compositional")
+        for k, v in info["probe"][f"{split}_accuracy"].items()
+        if k in alignment.PROBE_ATTRIBUTES and v < PROBE_TARGET
+    ]
+    if weak and variant != "small":  # `small` is for tests and does not reach the target
+        print(f"warning: probe below {PROBE_TARGET:.0%} on real images: {', '.join(weak)}")
     return info
 
 
@@ -520,7 +529,10 @@ def load_evaluators(
         print(f"note: training the {name} ({variant}) evaluators once, stored in {path}")
         train_evaluators(name, data_dir, variant, seed=0)
     with open(info_path) as f:
-        info = json.load(f)
+        try:
+            info = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{info_path} is not valid JSON ({e}); retrain the evaluators") from e
     if info.get("format") != FORMAT_VERSION:
         raise DataError(f"{info_path}: unknown format {info.get('format')}; retrain them")
     try:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from t2i_jax.errors import MetricError
 from t2i_jax.metrics.base import Metric, State
 
 # The attributes a probe predicts (every `t2i_shapes` attribute but the caption template).
@@ -168,8 +169,10 @@ def r_precision(
     ids = np.arange(n) if text_ids is None else np.asarray(text_ids).reshape(-1)
     if not 1 <= folds <= n:
         raise ValueError(f"folds must be in [1, {n}], got {folds}")
+    if num_mismatched < 1:
+        raise MetricError(f"R-precision needs at least 1 mismatched caption, got {num_mismatched}")
     if num_mismatched > max_mismatched(ids):
-        raise ValueError(
+        raise MetricError(
             f"{num_mismatched} mismatched captions asked, but some image has only "
             f"{max_mismatched(ids)} captions with other text"
         )

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.errors import CheckpointError
+from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import frechet, image_io
 from t2i_jax.metrics.base import Metric, State
 from t2i_jax.nets import inception as inception_net
@@ -98,9 +98,18 @@ class FidInception:
     def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, H, W, 3] or float [0, 1] -> (pool3 float32 [B, 2048], logits [B, 1008]).
 
-        jit-compiled once per input shape and dtype.
+        jit-compiled once per input shape and dtype. Model samples in [-1, 1] must be mapped
+        to [0, 1] first ((x + 1) / 2); a float batch outside [0, 1] is refused.
         """
-        pool3, logits = _features(self.variables, jnp.asarray(images))
+        images = jnp.asarray(images)
+        if jnp.issubdtype(images.dtype, jnp.floating) and (
+            float(images.min()) < 0.0 or float(images.max()) > 1.0
+        ):
+            raise MetricError(
+                "FID Inception takes uint8 images or floats in [0, 1]; got values in "
+                f"[{float(images.min()):.3g}, {float(images.max()):.3g}]"
+            )
+        pool3, logits = _features(self.variables, images)
         return np.asarray(pool3), np.asarray(logits)
 
 
@@ -160,6 +169,8 @@ class FidResult:
     digest_a: str
     digest_b: str
     weights: str
+    path_a: str = ""  # what each side's statistics were computed from
+    path_b: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,7 +228,7 @@ def fid_of_paths(
     a = stats_of_path(path_a, inception, batch_size=batch_size)
     b = stats_of_path(path_b, inception, batch_size=batch_size)
     weights = inception.weights if inception is not None else "(precomputed statistics)"
-    return fid_of_stats(a, b, weights)
+    return dataclasses.replace(fid_of_stats(a, b, weights), path_a=path_a, path_b=path_b)
 
 
 def save_stats(

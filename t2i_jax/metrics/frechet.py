@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import linalg
 
+from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics.base import Metric, State
 
 
@@ -39,9 +40,14 @@ class GaussianStats(NamedTuple):
 
     @classmethod
     def load(cls, path: str) -> GaussianStats:
-        with np.load(path) as f:
-            count = int(f["count"]) if "count" in f else -1  # pytorch-fid's .npz has none
-            return cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), count)
+        """Statistics saved by `save` or by pytorch-fid (`mu`, `sigma`; no count: -1)."""
+        try:
+            with np.load(path) as f:
+                count = int(f["count"]) if "count" in f else -1
+                return cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), count)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # A .npy, a pickle, or an .npz without mu/sigma: the file's fault, named.
+            raise CheckpointError(f"{path}: not a statistics file with mu and sigma ({e})") from e
 
 
 def _init(dim: int) -> State:
@@ -69,7 +75,7 @@ def _merge(a: State, b: State) -> State:
 def _compute(state: State) -> GaussianStats:
     n = int(state["count"])
     if n < 2:
-        raise ValueError(f"Gaussian statistics need at least 2 samples, got {n}")
+        raise MetricError(f"Gaussian statistics need at least 2 samples, got {n}")
     mu = state["sum"] / n
     sigma = (state["outer"] - n * np.outer(mu, mu)) / (n - 1)
     return GaussianStats(mu, sigma, n)
@@ -91,7 +97,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> f
     mu1, mu2 = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
     sigma1, sigma2 = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {mu1.shape} vs {mu2.shape}")
+        raise MetricError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -99,7 +105,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> f
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(
+            raise MetricError(
                 f"Frechet distance: sqrtm has imaginary component {np.max(np.abs(covmean.imag))}"
             )
         covmean = covmean.real

@@ -1,7 +1,7 @@
 """Reading the images a metric command compares: a folder of images or a single file.
 
-Like pytorch-fid: a folder's files with an image extension, sorted by name, each converted
-to RGB. Unreadable files and mixed sizes are the user's error, named with the file.
+Like pytorch-fid: a folder's files with a lower-case image extension, sorted by name, each
+converted to RGB. Unreadable files and mixed sizes are the user's error, named with the file.
 """
 
 from __future__ import annotations
@@ -26,18 +26,26 @@ def list_images(path: str) -> list[str]:
     files = sorted(
         os.path.join(path, name)
         for name in os.listdir(path)
-        if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-        and os.path.isfile(os.path.join(path, name))
+        # Case-sensitive, as pytorch-fid's glob: the same folder gives the same file list.
+        if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(path, name))
     )
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
     return files
 
 
+# 16-bit and float images: converting them to 8-bit RGB would clip them silently.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3]."""
+    """uint8 [H, W, 3]; 8-bit images only (palette, grey and alpha become RGB)."""
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_MODES:
+                raise DataError(
+                    f"{path} is a {image.mode} (16-bit or float) image; metrics read 8-bit images"
+                )
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None

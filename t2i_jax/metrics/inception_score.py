@@ -10,7 +10,8 @@ sample (ddof 1) standard deviation over chunks. The shuffle comes from an explic
 Logits are the FID Inception's `fc` output (`t2i_jax.metrics.fid.FidInception`), with its
 bias; torchmetrics' default extractor (torch-fidelity's `logits_unbiased`) drops the bias,
 so on the same weights the two differ by that choice of input, not by the formula.
-Computed in float64 on the host. The streaming state is the logits; merge concatenates.
+Computed in float64 on the host. The streaming state is the logits; merge concatenates, so
+merge the shards in data order to reproduce one pass (the seeded shuffle is positional).
 """
 
 from __future__ import annotations

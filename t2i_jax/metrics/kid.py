@@ -13,7 +13,8 @@ float32 matmuls at HIGHEST precision on the device; their row sums are totalled 
 float64 on the host, where MMD's cancellation happens.
 
 The streaming state keeps the features (KID has no sufficient statistics): update appends
-a batch to one side, merge concatenates.
+a batch to one side, merge concatenates. The seeded subsets index positions, so merge the
+shards in data order to reproduce one pass over all the data.
 """
 
 from __future__ import annotations

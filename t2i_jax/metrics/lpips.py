@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from t2i_jax.errors import CheckpointError, ConfigError, DataError
+from t2i_jax.errors import CheckpointError, ConfigError, DataError, MetricError
 from t2i_jax.metrics import image_io
 from t2i_jax.metrics.base import Metric, mean_metric
 from t2i_jax.nets import lpips_backbones, torch_weights
@@ -118,6 +118,11 @@ def lpips_distance(params: LPIPS, x: jax.Array, y: jax.Array) -> jax.Array:
     both = (jnp.concatenate([x, y]).astype(jnp.float32) - shift) / scale
     module = lpips_backbones.backbone(params.net, precision="highest")
     taps = module.apply({"params": params.backbone}, both)
+    if any(0 in tap.shape[1:3] for tap in taps):  # static shapes: checked while tracing
+        raise MetricError(
+            f"images of {x.shape[1]}x{x.shape[2]} are too small for the {params.net} backbone "
+            "(a pooling layer leaves nothing); use larger images"
+        )
     total = jnp.zeros((x.shape[0],), jnp.float32)
     for tap, w in zip(taps, params.linear, strict=True):
         fx, fy = jnp.split(tap, 2)

@@ -1,7 +1,9 @@
 """VGG16 feature-matching (perceptual) loss for training, on NHWC images in [-1, 1].
 
-Convention followed by default: pix2pixHD's VGGLoss (Wang et al. 2018) -- torchvision VGG16
-ImageNet weights, inputs mapped to [0, 1] and normalised with the ImageNet mean
+Convention followed by default: pix2pixHD's VGGLoss taps and weights (Wang et al. 2018), with
+ImageNet input normalisation (pix2pixHD feeds raw [-1, 1] images to VGG19 and detaches the
+target; here both images carry gradients) -- torchvision VGG16 ImageNet weights, inputs
+mapped to [0, 1] and normalised with the ImageNet mean
 (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), ReLU taps relu1_1 .. relu5_1 with
 weights 1/32, 1/16, 1/8, 1/4, 1, and the mean absolute (L1) difference of the raw features
 per tap. pix2pixHD uses VGG19; with VGG16 the same tap names are used. Options: `distance="l2"`

@@ -65,7 +65,8 @@ def psnr(x: jax.Array, y: jax.Array, *, data_range: float) -> jax.Array:
 def _psnr(x: jax.Array, y: jax.Array, data_range: float) -> jax.Array:
     mse = jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
     # mse == 0 gives log10(inf) = inf: identical images are infinitely close, not an error.
-    return 10.0 * jnp.log10(jnp.square(data_range) / mse)
+    # float32 first: an integer data_range (65535) would overflow when squared.
+    return 10.0 * jnp.log10(jnp.square(jnp.asarray(data_range, jnp.float32)) / mse)
 
 
 def gaussian_window(size: int, sigma: float) -> np.ndarray:

@@ -39,8 +39,18 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 class _StorageType:
+    """A storage class named by the pickle; immutable, so a BUILD opcode cannot retype it."""
+
+    __slots__ = ("dtype",)
+
     def __init__(self, name: str):
-        self.dtype = _STORAGE_DTYPES[name]
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
+
+    def __setattr__(self, name, value):
+        raise CheckpointError("weight file tries to modify a storage type")
+
+    def __setstate__(self, state):
+        raise CheckpointError("weight file tries to modify a storage type")
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
@@ -51,6 +61,8 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
     """
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise CheckpointError("tensor without a storage")
+    if storage.dtype not in _STORAGE_DTYPES.values():
+        raise CheckpointError(f"tensor of unsupported dtype {storage.dtype}")
     ints = (offset, *size, *stride)
     if not all(isinstance(v, int) and v >= 0 for v in ints) or len(size) != len(stride):
         raise CheckpointError(f"malformed tensor: offset {offset}, size {size}, stride {stride}")
@@ -110,6 +122,8 @@ def _load_zip(path: str) -> Any:
 
         def load_storage(pid):
             _, storage_type, key, _location, numel = pid[:5]
+            if not isinstance(storage_type, _StorageType):
+                raise CheckpointError(f"{path}: storage of unknown type")
             dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
             raw = archive.read(f"{prefix}data/{key}")
             return np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
@@ -130,8 +144,15 @@ def _load_legacy(path: str) -> Any:
         storages: dict[str, np.ndarray] = {}
         views: list[tuple] = []
 
+        file_size = os.path.getsize(path)
+
         def load_storage(pid):
             _, storage_type, key, _location, numel, view = pid[:6]
+            if not isinstance(storage_type, _StorageType):
+                raise CheckpointError(f"{path}: storage of unknown type")
+            size = numel * storage_type.dtype.itemsize if isinstance(numel, int) else -1
+            if not 0 <= size <= file_size:
+                raise CheckpointError(f"{path}: storage {key} larger than the file")
             if key not in storages:
                 storages[key] = np.zeros(numel, storage_type.dtype)  # filled in below
             if view is None:
@@ -161,6 +182,8 @@ def _load_legacy(path: str) -> Any:
         unpickler.find_class = find_class
         obj = unpickler.load()
         keys = _RestrictedUnpickler(f, path, None).load()
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+            raise CheckpointError(f"{path}: storage list does not match the tensors")
         for key in keys:
             storage = storages[key]
             (numel,) = struct.unpack("<q", f.read(8))
