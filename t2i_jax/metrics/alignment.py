@@ -22,22 +22,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from t2i_jax.data import shapes
 from t2i_jax.errors import MetricError
 from t2i_jax.metrics.base import Metric, State
 
 # The attributes a probe predicts (every `t2i_shapes` attribute but the caption template).
-PROBE_ATTRIBUTES: tuple[str, ...] = (
-    "num_objects",
-    "shape",
-    "color",
-    "size",
-    "position",
-    "shape2",
-    "color2",
-    "size2",
-    "position2",
-    "relation",
-)
+PROBE_ATTRIBUTES: tuple[str, ...] = tuple(k for k in shapes.ATTRIBUTE_KEYS if k != "template")
 
 
 def _as_int(values) -> np.ndarray:

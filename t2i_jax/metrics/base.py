@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 State = Any
 
@@ -31,6 +32,28 @@ class Metric:
 def add_states(a: State, b: State) -> State:
     """merge for states whose every leaf is a sum."""
     return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def real_fake_features(dim: int, compute: Callable[[np.ndarray, np.ndarray], Any]) -> Metric:
+    """A metric over two sets of features kept whole (KID, precision/recall).
+
+    update(state, features [B, dim], real: bool) appends to one side; merge concatenates, so
+    shards merged in data order equal one pass; compute(state) = compute(real, fake).
+    """
+
+    def init() -> State:
+        empty = np.zeros((0, dim), np.float32)
+        return {"real": empty, "fake": empty}
+
+    def update(state: State, features, real: bool) -> State:
+        side = "real" if real else "fake"
+        batch = np.asarray(features, np.float32).reshape(-1, dim)
+        return {**state, side: np.concatenate([state[side], batch])}
+
+    def merge(a: State, b: State) -> State:
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+    return Metric(init, update, merge, lambda state: compute(state["real"], state["fake"]))
 
 
 def _finite_or_zero(x: jax.Array) -> jax.Array:

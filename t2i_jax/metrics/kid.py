@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.metrics.base import Metric, State
+from t2i_jax.metrics.base import Metric, real_fake_features
 
 
 @functools.partial(jax.jit, static_argnames=("degree",))
@@ -114,21 +114,9 @@ def kid_metric(
 ) -> Metric:
     """Streaming KID: update(state, features [B, dim], real: bool); compute -> (mean, std)."""
 
-    def init() -> State:
-        empty = np.zeros((0, dim), np.float32)
-        return {"real": empty, "fake": empty}
-
-    def update(state: State, features, real: bool) -> State:
-        side = "real" if real else "fake"
-        batch = np.asarray(features, np.float32).reshape(-1, dim)
-        return {**state, side: np.concatenate([state[side], batch])}
-
-    def merge(a: State, b: State) -> State:
-        return {k: np.concatenate([a[k], b[k]]) for k in a}
-
-    def compute(state: State) -> tuple[float, float]:
-        return kernel_inception_distance(
-            state["real"], state["fake"], seed=seed, subsets=subsets, subset_size=subset_size
-        )
-
-    return Metric(init, update, merge, compute)
+    return real_fake_features(
+        dim,
+        lambda real, fake: kernel_inception_distance(
+            real, fake, seed=seed, subsets=subsets, subset_size=subset_size
+        ),
+    )

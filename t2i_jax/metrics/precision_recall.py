@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.metrics.base import Metric, State
+from t2i_jax.metrics.base import Metric, real_fake_features
 
 
 def _squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -91,19 +91,4 @@ def precision_recall(
 def precision_recall_metric(*, k: int = 3, dim: int = 2048) -> Metric:
     """Streaming P/R: update(state, features [B, dim], real: bool); compute -> (P, R)."""
 
-    def init() -> State:
-        empty = np.zeros((0, dim), np.float32)
-        return {"real": empty, "fake": empty}
-
-    def update(state: State, features, real: bool) -> State:
-        side = "real" if real else "fake"
-        batch = np.asarray(features, np.float32).reshape(-1, dim)
-        return {**state, side: np.concatenate([state[side], batch])}
-
-    def merge(a: State, b: State) -> State:
-        return {key: np.concatenate([a[key], b[key]]) for key in a}
-
-    def compute(state: State) -> tuple[float, float]:
-        return precision_recall(state["real"], state["fake"], k=k)
-
-    return Metric(init, update, merge, compute)
+    return real_fake_features(dim, lambda real, fake: precision_recall(real, fake, k=k))
