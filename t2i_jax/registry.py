@@ -40,6 +40,18 @@ def _transformer(text: ml_collections.ConfigDict, vocab_size: int, causal: bool 
     )
 
 
+def _bag_of_words(text: ml_collections.ConfigDict, vocab_size: int):
+    from t2i_jax.text.bow import BagOfWords
+
+    return BagOfWords(vocab_size=vocab_size, width=text.width)
+
+
+def _word_embedding(text: ml_collections.ConfigDict, vocab_size: int):
+    from t2i_jax.text.embedding import WordEmbedding
+
+    return WordEmbedding(vocab_size=vocab_size, width=text.width, dropout=text.dropout)
+
+
 # Data sets: name -> TFDS builder class (array_record, no TensorFlow).
 DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _shapes_builder,
@@ -54,6 +66,8 @@ METHODS: dict[str, Callable[[], Any]] = {
 TEXT_ENCODERS: dict[str, Callable[..., Any]] = {
     "transformer": _transformer,
     "causal": lambda text, vocab_size: _transformer(text, vocab_size, causal=True),
+    "bow": _bag_of_words,
+    "embedding": _word_embedding,
 }
 
 

@@ -194,3 +194,16 @@ def test_data_prepare(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "train 512" in result.stdout and "compositional 64" in result.stdout
     assert run_cli("data", "prepare", "nope", "--data-dir", str(tmp_path)).returncode == 2
+
+
+@pytest.mark.parametrize("encoder", ["bow", "embedding"])
+def test_training_with_other_text_encoders(tmp_path, data_dir, encoder):
+    workdir = tmp_path / encoder
+    args = ["--config.train.steps=2", "--config.train.checkpoint_every=2"]
+    result = run_cli(*train_args(workdir, data_dir, f"--config.text.encoder={encoder}", *args))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((workdir / "config.json").read_text())["text"]["encoder"] == encoder
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    assert losses and all(np.isfinite(losses))
+    assert (workdir / "samples" / "step_2.png").is_file()  # sampling ran with this encoder
