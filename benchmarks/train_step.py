@@ -5,12 +5,15 @@ to a float32 matmul peak measured in the same run on the same devices.
       [--steps 20] [--config.KEY=VALUE ...]
 
 Random batches of the config's shapes; the whole mesh of local devices, as in training.
+The text side (tokenizer, fitted or pretrained encoder) is built as a run builds it, from
+the config's data set (prepared on first use) in a temporary workdir.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 
 import jax
@@ -20,6 +23,8 @@ import numpy as np
 from t2i_jax import config as config_lib
 from t2i_jax import registry
 from t2i_jax.cli import _split_config_overrides
+from t2i_jax.data import sources
+from t2i_jax.text.assets import TextContext
 from t2i_jax.train import loop, sharding
 
 
@@ -57,8 +62,11 @@ def main() -> None:
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
 
-    vocab_size = config.text.vocab_size
-    method = registry.build_method(config, vocab_size)
+    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    with tempfile.TemporaryDirectory() as workdir:
+        text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+    vocab_size = text.vocab_size
+    method = registry.build_method(config, text)
     fns = loop.compile_functions(method, config, sharding.make_mesh())
     state = fns.init(jax.random.key(0))
     batch = jax.device_put(random_batch(config, vocab_size), fns.batch_sharding)

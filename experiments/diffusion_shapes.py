@@ -40,13 +40,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.workers = 0  # grain worker processes; 0 reads in the training process.
 
     c.text = ml_collections.ConfigDict()
+    # transformer | causal | bow | tfidf | embedding | bert (t2i_jax/text/assets.py)
     c.text.encoder = "transformer"
     c.text.vocab_size = 128  # SentencePiece; capped by what the captions support.
     c.text.max_len = 24
-    c.text.width = 128
+    c.text.width = 128  # transformer, causal, bow, tfidf, embedding (bert: its own)
     c.text.depth = 2
     c.text.num_heads = 4
     c.text.dropout = 0.0
+    c.text.sublinear_tf = False  # tfidf: tf = 1 + ln(count)
+    c.text.word_vectors = ""  # embedding: GloVe / word2vec text file to start from
+    c.text.pretrained = ""  # bert: Hugging Face folder ("": all-MiniLM-L6-v2 package)
+    c.text.finetune = False  # bert: train it too (else frozen by the optimizer mask)
+    c.text.cache_features = True  # frozen encoders: read features cached per data set
 
     c.model = ml_collections.ConfigDict()  # UNet fields (t2i_jax/nets/unet.py).
     c.model.base_channels = 64
@@ -77,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
     c.optim.ema = 0.999
+    c.optim.freeze = ""  # regex over param paths ("text_encoder/.*") kept fixed
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100_000

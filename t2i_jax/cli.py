@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
 
+    ablate = sub.add_parser(
+        "ablate", help="train (and evaluate) every run of a sweep; write one results table"
+    )
+    ablate.add_argument("--sweep", required=True, help="sweep file.py[:arg] with get_sweep(arg)")
+    ablate.add_argument("--workdir", required=True, help="one run directory per sweep run")
+    ablate.add_argument("--eval", action="store_true", help="`t2i eval` every run")
+    ablate.add_argument("--num", type=int, default=256, help="eval captions per split")
+    ablate.add_argument("--seed", type=int, default=0, help="eval seed")
+    ablate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     metrics = sub.add_parser("metrics", help="compare two image folders (or two images)")
     metrics_sub = metrics.add_subparsers(dest="metric", required=True)
     fid = metrics_sub.add_parser("fid", help="FID as pytorch-fid (folders or .npz statistics)")
@@ -262,6 +272,29 @@ def _eval(args) -> int:
     return 0
 
 
+def _ablate(args, overrides: list[str]) -> int:
+    from t2i_jax.eval.ablate import run_sweep
+    from t2i_jax.train.loop import Preempted
+
+    if args.eval and args.num < 2:
+        raise UserError(f"--num must be at least 2, got {args.num}")
+    try:
+        run_sweep(
+            args.sweep,
+            args.workdir,
+            overrides,
+            evaluate=args.eval,
+            num=args.num,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+    except Preempted as e:
+        print(f"t2i: {e}; run the same command to continue the sweep", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"results: {os.path.join(args.workdir, 'results.md')}")
+    return 0
+
+
 def _data(args) -> int:
     from t2i_jax.data import sources
 
@@ -290,14 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_config_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command != "train":
-            raise UserError(f"--config.* overrides apply to `t2i train` only: {overrides[0]}")
+        if overrides and args.command not in ("train", "ablate"):
+            raise UserError(
+                f"--config.* overrides apply to `t2i train` and `t2i ablate` only: {overrides[0]}"
+            )
         if args.command == "train":
             return _train(args, overrides)
         if args.command == "sample":
             return _sample(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "ablate":
+            return _ablate(args, overrides)
         if args.command == "metrics":
             return _metrics(args)
         return _data(args)

@@ -26,30 +26,15 @@ def _diffusion():
     return Diffusion
 
 
-def _transformer(text: ml_collections.ConfigDict, vocab_size: int, causal: bool = False):
-    from t2i_jax.text.transformer import TransformerTextEncoder
+def _text(factory: str) -> Callable[..., Any]:
+    """A text encoder factory of `text/assets.py`: (text config, TextContext) -> TextSide."""
 
-    return TransformerTextEncoder(
-        vocab_size=vocab_size,
-        width=text.width,
-        depth=text.depth,
-        num_heads=text.num_heads,
-        max_len=text.max_len,
-        dropout=text.dropout,
-        causal=causal,
-    )
+    def build(text: ml_collections.ConfigDict, ctx):
+        from t2i_jax.text import assets
 
+        return getattr(assets, factory)(text, ctx)
 
-def _bag_of_words(text: ml_collections.ConfigDict, vocab_size: int):
-    from t2i_jax.text.bow import BagOfWords
-
-    return BagOfWords(vocab_size=vocab_size, width=text.width)
-
-
-def _word_embedding(text: ml_collections.ConfigDict, vocab_size: int):
-    from t2i_jax.text.embedding import WordEmbedding
-
-    return WordEmbedding(vocab_size=vocab_size, width=text.width, dropout=text.dropout)
+    return build
 
 
 # Data sets: name -> TFDS builder class (array_record, no TensorFlow).
@@ -57,17 +42,20 @@ DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _shapes_builder,
 }
 
-# Generative families: name -> class(config, vocab_size) implementing methods.base.Method.
+# Generative families: name -> class(config, TextSide) implementing methods.base.Method.
 METHODS: dict[str, Callable[[], Any]] = {
     "diffusion": _diffusion,
 }
 
-# Text encoders: name -> (text config, vocab size) -> Flax module giving TextFeatures.
+# Text encoders: name -> (text config, TextContext) -> TextSide (tokenizer + Flax module
+# giving TextFeatures + pretrained params); the factories live in text/assets.py.
 TEXT_ENCODERS: dict[str, Callable[..., Any]] = {
-    "transformer": _transformer,
-    "causal": lambda text, vocab_size: _transformer(text, vocab_size, causal=True),
-    "bow": _bag_of_words,
-    "embedding": _word_embedding,
+    "transformer": _text("transformer"),
+    "causal": _text("causal"),
+    "bow": _text("bag_of_words"),
+    "tfidf": _text("tfidf"),
+    "embedding": _text("word_embedding"),
+    "bert": _text("bert"),
 }
 
 
@@ -88,9 +76,10 @@ def check_names(config: ml_collections.ConfigDict) -> None:
     _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")
 
 
-def build_method(config: ml_collections.ConfigDict, vocab_size: int):
-    return get(METHODS, config.method, "method")(config, vocab_size)
+def build_text(config: ml_collections.ConfigDict, ctx):
+    """The run's TextSide (`text/assets.py`) for `config.text.encoder`."""
+    return _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")(config.text, ctx)
 
 
-def build_text_encoder(text: ml_collections.ConfigDict, vocab_size: int):
-    return _checked(TEXT_ENCODERS, text.encoder, "text.encoder")(text, vocab_size)
+def build_method(config: ml_collections.ConfigDict, text):
+    return get(METHODS, config.method, "method")(config, text)

@@ -1,8 +1,12 @@
 """Paths and small utilities shared by the tests."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "diffusion_shapes.py")
@@ -52,3 +56,52 @@ def run_cli(
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def tiny_bert_folder(path: str, prefix: str = "", **config_overrides) -> dict[str, np.ndarray]:
+    """A 1-layer, 16-wide BERT with random weights and the real vocabulary."""
+    from safetensors.numpy import save_file
+
+    from t2i_jax.text.bert import default_model_path
+
+    os.makedirs(path, exist_ok=True)
+    shutil.copy(os.path.join(default_model_path(), "vocab.txt"), path)
+    config = {
+        "vocab_size": 30522,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 64,
+    }
+    config.update(config_overrides)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    rng = np.random.default_rng(0)
+    d, i = config["hidden_size"], config["intermediate_size"]
+    shapes_ = {
+        "embeddings.word_embeddings.weight": (30522, d),
+        "embeddings.position_embeddings.weight": (64, d),
+        "embeddings.token_type_embeddings.weight": (2, d),
+        "embeddings.LayerNorm.weight": (d,),
+        "embeddings.LayerNorm.bias": (d,),
+        "pooler.dense.weight": (d, d),  # unused by the encoder
+    }
+    layer = "encoder.layer.0."
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value"):
+        shapes_ |= {layer + name + ".weight": (d, d), layer + name + ".bias": (d,)}
+    shapes_ |= {
+        layer + "attention.output.dense.weight": (d, d),
+        layer + "attention.output.dense.bias": (d,),
+        layer + "attention.output.LayerNorm.weight": (d,),
+        layer + "attention.output.LayerNorm.bias": (d,),
+        layer + "intermediate.dense.weight": (i, d),
+        layer + "intermediate.dense.bias": (i,),
+        layer + "output.dense.weight": (d, i),
+        layer + "output.dense.bias": (d,),
+        layer + "output.LayerNorm.weight": (d,),
+        layer + "output.LayerNorm.bias": (d,),
+    }
+    tensors = {prefix + k: rng.normal(size=s).astype(np.float32) for k, s in shapes_.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    return tensors

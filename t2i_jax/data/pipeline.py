@@ -1,6 +1,8 @@
 """grain input pipeline: TFDS records -> the batch contract of DESIGN.md.
 
-Batch: {"image": float32[B, H, W, 3] in [-1, 1], "tokens": int32[B, L], "mask": bool[B, L]}.
+Batch: {"image": float32[B, H, W, 3] in [-1, 1], "tokens": int32[B, L], "mask": bool[B, L]},
+plus "text_pooled" [B, D] (and "text_seq" [B, L, D]) when a frozen encoder's features are
+read from its cache (`text/cache.py`).
 Each JAX process reads its own shard of the records and yields its part of the global
 batch; the order is a pure function of the run's seed, and the iterator's state is
 saved in checkpoints so a resumed run reads exactly the batches it would have read.
@@ -16,16 +18,32 @@ import numpy as np
 
 from t2i_jax.data.sources import decode_caption
 from t2i_jax.errors import ConfigError, DataError
-from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.text.cache import FeatureCache
+from t2i_jax.text.tokenizer import CaptionTokenizer
+
+
+class WithIndex:
+    """A random-access source whose records also carry their own index ("index")."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.source[index], "index": index}
 
 
 @dataclasses.dataclass(frozen=True)
 class ToBatchElement(grain.MapTransform):
-    """Decodes one record: image to [-1, 1], caption to fixed-length tokens and mask."""
+    """Decodes one record: image to [-1, 1], caption to fixed-length tokens and mask, and
+    the cached text features of the record when `features` is given."""
 
-    tokenizer: Tokenizer
+    tokenizer: CaptionTokenizer
     max_len: int
     source_name: str
+    features: FeatureCache | None = None
 
     def map(self, record: dict) -> dict:
         image = np.asarray(record["image"])
@@ -36,11 +54,14 @@ class ToBatchElement(grain.MapTransform):
             )
         caption = decode_caption(record["caption"], self.source_name)
         tokens, mask = self.tokenizer.encode([caption], self.max_len)
-        return {
+        element = {
             "image": image.astype(np.float32) / 127.5 - 1.0,
             "tokens": tokens[0],
             "mask": mask[0],
         }
+        if self.features is not None:
+            element.update(self.features.features(int(record["index"])))
+        return element
 
 
 def per_process_batch_size(global_batch_size: int, count: int) -> int:
@@ -53,7 +74,7 @@ def per_process_batch_size(global_batch_size: int, count: int) -> int:
 
 def make_loader(
     source,
-    tokenizer: Tokenizer,
+    tokenizer: CaptionTokenizer,
     *,
     global_batch_size: int,
     max_len: int,
@@ -64,8 +85,19 @@ def make_loader(
     name: str = "data",
     shard_index: int | None = None,
     shard_count: int | None = None,
+    features: FeatureCache | None = None,
 ) -> grain.DataLoader:
-    """A grain DataLoader over one shard (by default this JAX process's), batched."""
+    """A grain DataLoader over one shard (by default this JAX process's), batched.
+
+    `features`: the text feature cache of this source (same records, same order).
+    """
+    if features is not None:
+        if features.num_examples != len(source):
+            raise DataError(
+                f"text feature cache {features.directory} has {features.num_examples} "
+                f"examples, {name} has {len(source)}"
+            )
+        source = WithIndex(source)
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     local_batch = per_process_batch_size(global_batch_size, shard_count)
@@ -87,7 +119,7 @@ def make_loader(
         data_source=source,
         sampler=sampler,
         operations=[
-            ToBatchElement(tokenizer, max_len, name),
+            ToBatchElement(tokenizer, max_len, name, features),
             grain.Batch(local_batch, drop_remainder=True),
         ],
         worker_count=worker_count,

@@ -59,12 +59,17 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     return load_builder(name, data_dir, variant)
 
 
-def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
-    source = builder.as_data_source("train")
+def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+    """Every caption of `split`, in record order."""
+    source = builder.as_data_source(split)
     return [
-        decode_caption(source[i]["caption"], f"{builder.name} train[{i}]")
+        decode_caption(source[i]["caption"], f"{builder.name} {split}[{i}]")
         for i in range(len(source))
     ]
+
+
+def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
+    return split_captions(builder, "train")
 
 
 def prepare_tokenizer(builder: tfds.core.DatasetBuilder, vocab_size: int) -> Tokenizer:

@@ -15,7 +15,8 @@ from t2i_jax import config as config_lib
 from t2i_jax import registry
 from t2i_jax.errors import CheckpointError, UserError
 from t2i_jax.eval.grid import to_uint8
-from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.text.assets import TextContext
+from t2i_jax.text.tokenizer import CaptionTokenizer
 from t2i_jax.train import sharding
 from t2i_jax.train.checkpoint import Checkpointer
 
@@ -28,7 +29,7 @@ def make_sampler(method, **options) -> Callable:
 def sample_images(
     sampler: Callable,
     params,
-    tokenizer: Tokenizer,
+    tokenizer: CaptionTokenizer,
     prompts: Sequence[str],
     *,
     per_prompt: int,
@@ -65,8 +66,9 @@ def load_run(workdir: str):
         raise UserError(f"{workdir} is not a run directory (no config.json)")
     with open(config_path) as f:
         config = config_lib.from_json(f.read())
-    tokenizer = Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
-    method = registry.build_method(config, tokenizer.vocab_size)
+    text = registry.build_text(config, TextContext(workdir, builder=None, seed=config.seed))
+    tokenizer = text.tokenizer
+    method = registry.build_method(config, text)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     step = checkpointer.latest_step()
     if step is None:

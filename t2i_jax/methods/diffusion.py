@@ -8,44 +8,55 @@ network gives both the conditional and the unconditional prediction that guidanc
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from t2i_jax import registry
 from t2i_jax.methods import samplers, schedules
 from t2i_jax.methods.base import TrainState, ema_update
 from t2i_jax.nets.unet import UNet
+from t2i_jax.text.assets import TextSide
 from t2i_jax.text.features import TextFeatures
-from t2i_jax.text.tokenizer import EOS_ID, PAD_ID
 from t2i_jax.train.optim import make_optimizer
 
-
-def null_text(batch_size: int, max_len: int) -> tuple[jax.Array, jax.Array]:
-    """The empty caption: EOS then padding (what the tokenizer gives for "")."""
-    tokens = jnp.full((batch_size, max_len), PAD_ID, jnp.int32).at[:, 0].set(EOS_ID)
-    return tokens, tokens != PAD_ID
+TEXT_ENCODER_PARAMS = "text_encoder/.*"  # Frozen encoders: the optimizer mask's pattern.
 
 
 def drop_captions(
-    rng: jax.Array, tokens: jax.Array, mask: jax.Array, p: float
+    drop: jax.Array, tokens: jax.Array, mask: jax.Array, null_tokens, null_mask
 ) -> tuple[jax.Array, jax.Array]:
-    """Replaces each caption by the empty one with probability p."""
-    drop = jax.random.bernoulli(rng, p, (tokens.shape[0],))[:, None]
-    null_tokens, null_mask = null_text(*tokens.shape)
-    return jnp.where(drop, null_tokens, tokens), jnp.where(drop, null_mask, mask)
+    """Replaces the captions where `drop` [B] is True by the empty one ([1, L] each)."""
+    return jnp.where(drop[:, None], null_tokens, tokens), jnp.where(drop[:, None], null_mask, mask)
+
+
+def _broadcast_select(drop: jax.Array, null: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), null, x)
+
+
+def with_sequence(feats: TextFeatures) -> TextFeatures:
+    """Pooled-only encoders (bag-of-words, TF-IDF) give cross-attention one token."""
+    if feats.seq is not None:
+        return feats
+    batch = feats.pooled.shape[0]
+    return feats.replace(seq=feats.pooled[:, None, :], mask=jnp.ones((batch, 1), bool))
 
 
 class Diffusion:
     """The diffusion family behind the `Method` protocol."""
 
-    def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
         self.config = config
         self.dc = config.diffusion
-        self.text_encoder = registry.build_text_encoder(config.text, vocab_size)
+        self.text = text
+        self.text_encoder = text.encoder
+        self.null_tokens, self.null_mask = (jnp.asarray(a) for a in text.null_text(1))
         self.unet = UNet(**config.model.to_dict())
-        self.optimizer = make_optimizer(config.optim, config.train.steps)
+        self.optimizer = make_optimizer(
+            config.optim, config.train.steps, frozen=[TEXT_ENCODER_PARAMS] if text.frozen else []
+        )
         self.alpha_bar = jnp.asarray(
             schedules.alphas_cumprod(self.dc.schedule, self.dc.timesteps), jnp.float32
         )
@@ -54,14 +65,28 @@ class Diffusion:
     # -- networks ------------------------------------------------------------------
     def _encode(self, params, tokens, mask, *, train=False, rng=None) -> TextFeatures:
         rngs = {"dropout": rng} if rng is not None else None
+        text_params = params["text_encoder"]
+        if self.text.frozen:  # The optimizer mask zeroes its update; skip its gradient too.
+            text_params = jax.lax.stop_gradient(text_params)
         feats = self.text_encoder.apply(
-            {"params": params["text_encoder"]}, tokens, mask, train=train, rngs=rngs
+            {"params": text_params}, tokens, mask, train=train, rngs=rngs
         )
-        if feats.seq is None:  # Pooled-only encoders give cross-attention one token.
-            feats = feats.replace(
-                seq=feats.pooled[:, None, :], mask=jnp.ones((tokens.shape[0], 1), bool)
+        return with_sequence(feats)
+
+    def _text_features(self, params, batch, drop, *, train, rng) -> TextFeatures:
+        """The batch's text features, the empty caption's where `drop` [B] is True."""
+        if "text_pooled" in batch:  # A frozen encoder's features, read from the cache.
+            cached = with_sequence(
+                TextFeatures(
+                    seq=batch.get("text_seq"), pooled=batch["text_pooled"], mask=batch["mask"]
+                )
             )
-        return feats
+            null = self._encode(params, self.null_tokens, self.null_mask)
+            return jax.tree.map(functools.partial(_broadcast_select, drop), null, cached)
+        tokens, mask = drop_captions(
+            drop, batch["tokens"], batch["mask"], self.null_tokens, self.null_mask
+        )
+        return self._encode(params, tokens, mask, train=train, rng=rng)
 
     def _denoise(self, params, x_t, t, feats: TextFeatures, *, train=False, rng=None):
         rngs = {"dropout": rng} if rng is not None else None
@@ -80,7 +105,10 @@ class Diffusion:
     def init(self, rng: jax.Array, batch: dict) -> TrainState:
         k_text, k_unet = jax.random.split(rng)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        text_params = self.text_encoder.init(k_text, tokens, mask, train=False)["params"]
+        if self.text.pretrained is not None:
+            text_params = jax.tree.map(jnp.asarray, self.text.pretrained)
+        else:
+            text_params = self.text_encoder.init(k_text, tokens, mask, train=False)["params"]
         feats = self._encode({"text_encoder": text_params}, tokens, mask)
         t = jnp.zeros((image.shape[0],), jnp.float32)
         unet_params = self.unet.init(
@@ -100,9 +128,9 @@ class Diffusion:
         x0 = batch["image"]
         t = jax.random.randint(k_t, (x0.shape[0],), 0, self.dc.timesteps)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        tokens, mask = drop_captions(k_drop, batch["tokens"], batch["mask"], self.dc.p_uncond)
+        drop = jax.random.bernoulli(k_drop, self.dc.p_uncond, (x0.shape[0],))
         k_text, k_unet = jax.random.split(k_dropout)
-        feats = self._encode(params, tokens, mask, train=train, rng=k_text)
+        feats = self._text_features(params, batch, drop, train=train, rng=k_text)
         x_t = schedules.q_sample(x0, t, noise, self.alpha_bar)
         output = self._denoise(params, x_t, t, feats, train=train, rng=k_unet)
         target = schedules.target(x0, noise, self.alpha_bar[t], self.dc.prediction)
@@ -147,7 +175,8 @@ class Diffusion:
         batch = tokens.shape[0]
         cond = self._encode(model, tokens, mask)
         if guidance != 1.0:  # Condition and uncondition in one batch of 2B.
-            null = self._encode(model, *null_text(*tokens.shape))
+            null = self._encode(model, self.null_tokens, self.null_mask)
+            null = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), null)
             feats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null)
         else:
             feats = cond

@@ -6,9 +6,11 @@ guidance) has one valid token and attention never sees an all-masked row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -16,6 +18,26 @@ import sentencepiece as spm
 from t2i_jax.errors import DataError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+
+
+class CaptionTokenizer(Protocol):
+    """What the pipeline, the methods and the samplers need of a tokenizer.
+
+    Implemented by the SentencePiece `Tokenizer` below and by BERT's
+    `text.wordpiece.WordPieceTokenizer`.
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, captions: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """int32 tokens [N, max_len] and bool mask [N, max_len]; an empty caption fails."""
+
+    def empty(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The empty caption (classifier-free guidance's null text), [1, max_len] each."""
+
+    def digest(self) -> str:
+        """sha256 of everything that decides the ids (cache keys)."""
 
 
 class Tokenizer:
@@ -36,6 +58,13 @@ class Tokenizer:
             ids = ids[: max_len - 1] + [EOS_ID]  # Truncate, but keep the EOS.
             tokens[row, : len(ids)] = ids
         return tokens, tokens != PAD_ID
+
+    def empty(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """[EOS, PAD, ...]: one valid token, so no attention row is ever fully masked."""
+        return self.encode([""], max_len)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_proto).hexdigest()
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         rows = np.atleast_2d(np.asarray(tokens))

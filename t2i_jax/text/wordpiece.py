@@ -17,6 +17,7 @@ BertPreTokenizer and WordPiece model) without depending on `transformers`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import unicodedata
@@ -240,6 +241,16 @@ class WordPieceTokenizer:
             ids[r, : len(row)] = row
             mask[r, : len(row)] = True
         return ids, mask
+
+    def empty(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """ "[CLS] [SEP]", the unconditional caption of classifier-free guidance."""
+        return self.encode([""], max_len, allow_empty=True)
+
+    def digest(self) -> str:
+        """sha256 of the vocabulary and the normalisation settings."""
+        settings = (self.lowercase, self.strip_accents, self.chinese_chars, self.clean_text)
+        text = json.dumps([sorted(self.vocab.items()), settings, self.special_tokens])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     # -- loading -------------------------------------------------------------------------
 

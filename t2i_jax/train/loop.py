@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from t2i_jax import config as config_lib
@@ -29,7 +30,9 @@ from t2i_jax.eval import report
 from t2i_jax.eval.grid import save_grid
 from t2i_jax.eval.sample import abstract_state, make_sampler, sample_images
 from t2i_jax.methods.base import TrainState
-from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.text import assets as text_assets
+from t2i_jax.text import cache as text_cache
+from t2i_jax.text.assets import TextContext, TextSide
 from t2i_jax.train import sharding
 from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.logging import MetricWriter
@@ -82,15 +85,33 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def _run_tokenizer(config, workdir: str, builder) -> Tokenizer:
-    """The run's tokenizer is stored in its workdir, so sampling needs nothing else."""
-    path = os.path.join(workdir, "tokenizer.model")
-    if os.path.isfile(path):
-        return Tokenizer.load(path)
-    tokenizer = sources.prepare_tokenizer(builder, config.text.vocab_size)
-    if jax.process_index() == 0:
-        tokenizer.save(path)
-    return tokenizer
+def _text_feature_cache(config, builder, text: TextSide, split: str = "train"):
+    """The frozen encoder's features of `split`, built once per data set and encoder."""
+    if not (text.frozen and config.text.get("cache_features", True)):
+        return None
+    key = text_cache.cache_key(
+        text.name,
+        repr(text.encoder),
+        text.weights_digest or text_assets.params_digest(text.pretrained),
+        text.tokenizer.digest(),
+        f"max_len {text.max_len}",
+        builder.info.full_name,
+    )
+    encode = jax.jit(lambda p, t, m: text.encoder.apply({"params": p}, t, m))
+    params = jax.tree.map(jnp.asarray, text.pretrained)
+
+    def encode_batch(tokens, mask):
+        feats = encode(params, tokens, mask)
+        return {"pooled": np.asarray(feats.pooled), "seq": feats.seq}
+
+    return text_cache.open_or_build(
+        os.path.join(builder.data_dir, "text_features"),
+        split,
+        key,
+        captions=lambda: sources.split_captions(builder, split),
+        tokenize=lambda captions: text.tokenizer.encode(captions, text.max_len),
+        encode=encode_batch,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +161,9 @@ def train_and_evaluate(
         _write_config(config, workdir)
 
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    tokenizer = _run_tokenizer(config, workdir, builder)
-    method = registry.build_method(config, tokenizer.vocab_size)
+    text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+    tokenizer = text.tokenizer
+    method = registry.build_method(config, text)
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % mesh.size:
         raise ConfigError(
@@ -156,6 +178,7 @@ def train_and_evaluate(
         seed=rng.stream_seed(config.seed, "data"),
         worker_count=config.data.workers,
         name=f"{config.data.name}/train",
+        features=_text_feature_cache(config, builder, text),
     )
     data_iter = iter(loader)
 

@@ -1,0 +1,176 @@
+"""Ablation sweeps: one base experiment, a few runs that each change some keys, one table.
+
+A sweep file defines `get_sweep(arg) -> {"base": "experiment.py:variant", "runs": {name:
+{dotted key: value}}}`. `run_sweep` trains each run in `<workdir>/<name>/` (resuming any
+that exist, so a stopped sweep continues where it stopped), optionally evaluates it
+(`t2i eval`), and rewrites `<workdir>/results.md` and `results.json` after every run.
+Every run's config is built and checked before the first one starts, so a typo in the
+last run fails in seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from t2i_jax import config as config_lib
+from t2i_jax import registry
+from t2i_jax.errors import ConfigError
+from t2i_jax.train.logging import read_metrics
+
+log = logging.getLogger(__name__)
+
+FINAL_LOSS_STEPS = 10  # "final loss": the mean of the last this-many logged losses.
+
+
+def load_sweep(spec: str) -> dict[str, Any]:
+    """Loads `path/to/sweep.py[:arg]` by calling its `get_sweep(arg)`; checks its shape."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_t2i_sweep", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        sweep = module.get_sweep(arg or None)
+    except AttributeError as e:
+        raise ConfigError(f"sweep file {path} defines no get_sweep(arg): {e}") from e
+    except Exception as e:  # A broken sweep file is the user's error: say where.
+        raise ConfigError(f"cannot execute sweep file {path}: {type(e).__name__}: {e}") from e
+    if (
+        not isinstance(sweep, dict)
+        or not isinstance(sweep.get("base"), str)
+        or not isinstance(sweep.get("runs"), dict)
+        or not sweep["runs"]
+    ):
+        raise ConfigError(f"{path}: get_sweep must return {{'base': str, 'runs': {{name: dict}}}}")
+    for name, keys in sweep["runs"].items():
+        if not isinstance(keys, dict) or not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{path}: run {name!r} must be a plain name mapping to a dict")
+    return sweep
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else repr(value)}"
+
+
+def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.ConfigDict]:
+    """Each run's config: the base, the run's keys, then the command line's overrides."""
+    configs = {}
+    for name, keys in sweep["runs"].items():
+        config = config_lib.load_config(sweep["base"])
+        try:
+            config_lib.apply_overrides(config, [_override(k, v) for k, v in keys.items()])
+        except ConfigError as e:
+            raise ConfigError(f"sweep run '{name}': {e}") from None
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+        registry.check_names(config)
+        configs[name] = config
+    return configs
+
+
+def final_loss(workdir: str) -> float | None:
+    losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
+    return float(np.mean(losses[-FINAL_LOSS_STEPS:])) if losses else None
+
+
+# (label, split, path into the split's "generated" measures)
+EVAL_COLUMNS = (
+    ("val caption acc", "validation", ("attribute_accuracy", "caption")),
+    ("val colour", "validation", ("attribute_accuracy", "color")),
+    ("val shape", "validation", ("attribute_accuracy", "shape")),
+    ("val R-precision", "validation", ("r_precision",)),
+    ("val CLIP-style", "validation", ("clip_score",)),
+    ("val probe_fd", "validation", ("probe_fd",)),
+    ("comp caption acc", "compositional", ("attribute_accuracy", "caption")),
+    ("comp R-precision", "compositional", ("r_precision",)),
+)
+
+
+def _lookup(metrics: dict, split: str, path: tuple[str, ...]) -> float | None:
+    node: Any = metrics.get("splits", {}).get(split, {}).get("generated", {})
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def results_table(results: dict[str, dict]) -> list[str]:
+    evaluated = any(r.get("eval") for r in results.values())
+    header = ["run", "changes", "steps", f"final loss (mean of last {FINAL_LOSS_STEPS} logged)"]
+    if evaluated:
+        header += [label for label, _, _ in EVAL_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in results.items():
+        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        cells = [name, changes, str(r["steps"]), loss]
+        if evaluated:
+            for _, split, path in EVAL_COLUMNS:
+                value = _lookup(r.get("eval") or {}, split, path)
+                cells.append("-" if value is None else f"{value:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _write(workdir: str, spec: str, overrides: list[str], results: dict) -> None:
+    text = "\n".join(
+        [
+            f"# Sweep `{spec}`",
+            "",
+            f"Overrides for every run: {' '.join(overrides) or 'none'}.",
+            "",
+            *results_table(results),
+            "",
+        ]
+    )
+    for name, content in (
+        ("results.md", text),
+        (
+            "results.json",
+            json.dumps({"sweep": spec, "overrides": overrides, "runs": results}, indent=2),
+        ),
+    ):
+        path = os.path.join(workdir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(content)
+        os.replace(path + ".tmp", path)
+
+
+def run_sweep(
+    spec: str,
+    workdir: str,
+    overrides: list[str],
+    *,
+    evaluate: bool = False,
+    num: int = 256,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """Trains (and evaluates) every run of the sweep; returns the results by run name."""
+    from t2i_jax.eval.evaluate import evaluate_run
+    from t2i_jax.train.loop import train_and_evaluate
+
+    sweep = load_sweep(spec)
+    configs = run_configs(sweep, overrides)
+    os.makedirs(workdir, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name, config in configs.items():
+        run_dir = os.path.join(workdir, name)
+        log.info("sweep run %s -> %s", name, run_dir)
+        train_and_evaluate(config, run_dir, show_progress=show_progress)
+        results[name] = {
+            "workdir": run_dir,
+            "changes": sweep["runs"][name],
+            "steps": config.train.steps,
+            "final_loss": final_loss(run_dir),
+            "eval": evaluate_run(run_dir, num=num, seed=seed) if evaluate else None,
+        }
+        _write(workdir, spec, overrides, results)
+    return results

@@ -1,0 +1,67 @@
+"""`t2i ablate`: every run of a sweep trained (and evaluated), one results table."""
+
+import json
+
+import pytest
+from helpers import EXPERIMENT, run_cli
+
+SWEEP = """
+def get_sweep(arg=None):
+    return {{
+        "base": {base!r},
+        "runs": {{
+            "bow": {{"text.encoder": "bow"}},
+            "embedding": {{"text.encoder": "embedding", "text.width": {width}}},
+        }},
+    }}
+"""
+
+
+def write_sweep(path, width=16) -> str:
+    path.write_text(SWEEP.format(base=f"{EXPERIMENT}:test", width=width))
+    return str(path)
+
+
+def test_sweep_trains_evaluates_and_tabulates(tmp_path, data_dir):
+    sweep = write_sweep(tmp_path / "sweep.py")
+    workdir = tmp_path / "sweep"
+    args = ["ablate", "--sweep", sweep, "--workdir", str(workdir), "--eval", "--num", "8",
+            "--no-progress", f"--config.data.dir={data_dir}", "--config.train.steps=2"]  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert list(results["runs"]) == ["bow", "embedding"]
+    for name, run in results["runs"].items():
+        config = json.loads((workdir / name / "config.json").read_text())
+        assert config["text"]["encoder"] == name and config["train"]["steps"] == 2
+        metrics = [json.loads(line) for line in (workdir / name / "metrics.jsonl").open()]
+        losses = [m["loss"] for m in metrics]
+        assert run["final_loss"] == pytest.approx(sum(losses) / len(losses))  # <= 10 logged
+        assert run["eval"]["splits"]["validation"]["generated"]["r_precision"] is not None
+        assert (workdir / name / "eval" / "metrics.json").is_file()
+    assert json.loads((workdir / "embedding" / "config.json").read_text())["text"]["width"] == 16
+    table = (workdir / "results.md").read_text()
+    assert "| bow | text.encoder=bow | 2 |" in table and "val R-precision" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3
+
+
+@pytest.mark.parametrize(
+    "sweep_text, message",
+    [
+        ("def get_sweep(arg=None):\n    return {'runs': {}}\n", "get_sweep must return"),
+        (None, "sweep run 'embedding': unknown config key 'text.widht'"),
+    ],
+)
+def test_bad_sweeps_fail_before_training(tmp_path, data_dir, sweep_text, message):
+    path = tmp_path / "sweep.py"
+    if sweep_text is None:
+        write_sweep(path)
+        path.write_text(path.read_text().replace('"text.width"', '"text.widht"'))
+    else:
+        path.write_text(sweep_text)
+    workdir = tmp_path / "sweep"
+    result = run_cli("ablate", "--sweep", str(path), "--workdir", str(workdir),
+                     f"--config.data.dir={data_dir}")  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not workdir.exists()  # Nothing was trained, not even the first (valid) run.
