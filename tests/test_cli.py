@@ -230,6 +230,7 @@ def test_training_with_every_text_encoder(tmp_path, data_dir, encoder):
     if encoder == "bert":  # The run reopens from its own files, with BERT's tokenizer.
         assert "caching text features of 512 train captions" in result.stderr
         assert (workdir / "text_encoder" / "vocab.txt").is_file()
+        out = str(tmp_path / "s.png")
         sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
-                          "--num", "1", "--steps", "2", "--out", str(tmp_path / "s.png"))  # fmt: skip
+                          "--num", "1", "--steps", "2", "--out", out)  # fmt: skip
         assert sampled.returncode == 0, sampled.stderr
