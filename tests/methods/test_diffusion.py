@@ -5,7 +5,7 @@ import pytest
 
 from t2i_jax import registry
 from t2i_jax.data import sources
-from t2i_jax.methods import diffusion
+from t2i_jax.methods import text_conditioning
 from t2i_jax.text.assets import TextContext
 from t2i_jax.train import loop, sharding
 
@@ -88,7 +88,9 @@ def test_caption_dropout():
     mask = tokens != 0
     null_tokens, null_mask = jnp.array([[2, 0, 0, 0]]), jnp.array([[True, False, False, False]])
     drop = jnp.array([False, True, False])
-    out_tokens, out_mask = diffusion.drop_captions(drop, tokens, mask, null_tokens, null_mask)
+    out_tokens, out_mask = text_conditioning.drop_captions(
+        drop, tokens, mask, null_tokens, null_mask
+    )
     np.testing.assert_array_equal(out_tokens, [[5, 6, 2, 0], [2, 0, 0, 0], [8, 9, 10, 2]])
     np.testing.assert_array_equal(out_mask, [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
 

@@ -1,20 +1,23 @@
-"""Text encoders inside the trainer: frozen BERT by the optimizer mask, its cached features
-equal to running it, fine-tuning, TF-IDF statistics stored with the run."""
+"""BERT inside the trainer: frozen by the optimizer mask, its cached features equal to
+running it, refused weights that differ from the run's, fine-tuning."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from helpers import tiny_bert_folder
 
+from t2i_jax import registry
 from t2i_jax.data import sources
+from t2i_jax.errors import ConfigError
 from t2i_jax.eval.sample import load_run
 from t2i_jax.text import bert
-from t2i_jax.text.bow import TfidfStats, fit_tfidf
-from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.text.assets import TextContext
+from t2i_jax.train import loop
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 
@@ -46,36 +49,70 @@ def cache_dirs(config) -> list[str]:
     return sorted(os.listdir(root)) if os.path.isdir(root) else []
 
 
-def test_frozen_bert_reads_cached_features_equal_to_running_it(test_config, tiny_bert, tmp_path):
-    _, pretrained, _, _ = bert.load_bert(tiny_bert)
-    runs = {}
-    for cached in (True, False):
-        config = bert_config(test_config.copy_and_resolve_references(), tiny_bert)
-        config.text.cache_features = cached
-        workdir = tmp_path / f"cached_{cached}"
-        train_and_evaluate(config, str(workdir), show_progress=False)
-        runs[cached] = workdir
-        if cached:
-            assert len(cache_dirs(config)) == 1
-    # The cache is reused: a second cached run builds nothing new.
-    again = bert_config(test_config.copy_and_resolve_references(), tiny_bert)
-    before = cache_dirs(again)
-    train_and_evaluate(again, str(tmp_path / "again"), show_progress=False)
-    assert cache_dirs(again) == before
+@pytest.fixture(scope="module")
+def frozen_runs(tiny_bert, data_dir, tmp_path_factory):
+    """Frozen tiny-BERT runs with and without the feature cache, and the cache dirs made."""
+    from helpers import EXPERIMENT
 
-    with_cache, without = (read_metrics(str(runs[c])) for c in (True, False))
+    from t2i_jax import config as config_lib
+
+    root = tmp_path_factory.mktemp("frozen")
+    runs, made = {}, {}
+    for name in ("cached", "uncached"):
+        config = bert_config(config_lib.load_config(f"{EXPERIMENT}:test"), tiny_bert)
+        config.data.dir = data_dir
+        config.text.cache_features = name == "cached"
+        before = set(cache_dirs(config))
+        train_and_evaluate(config, str(root / name), show_progress=False)
+        runs[name], made[name] = root / name, set(cache_dirs(config)) - before
+    # What a second run of the same config opens: the same cache, nothing built.
+    config.text.cache_features = True
+    builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
+    text = registry.build_text(config, TextContext(str(root / "again"), builder, config.seed))
+    before = set(cache_dirs(config))
+    again = loop._text_feature_cache(config, builder, text)
+    made["again"] = set(cache_dirs(config)) - before
+    return runs, made, config, again
+
+
+def test_frozen_bert_reads_cached_features_equal_to_running_it(frozen_runs, tiny_bert):
+    runs, made, _, again = frozen_runs
+    assert len(made["cached"]) == 1 and not made["uncached"] and not made["again"]
+    assert os.path.basename(again.directory) in made["cached"]  # Reused, same key.
+    with_cache, without = (read_metrics(str(runs[c])) for c in ("cached", "uncached"))
     assert [m["step"] for m in with_cache] == [1, 2, 3]
     # Same features, computed in batches of 128 (cache) or 8 (train step): float32
     # round-off of the encoder's matmuls only.
     np.testing.assert_allclose(
         [m["loss"] for m in with_cache], [m["loss"] for m in without], rtol=1e-4
     )
-    config, tokenizer, _, state = load_run(str(runs[True]))
+    _, pretrained, _, _ = bert.load_bert(tiny_bert)
+    config, tokenizer, _, state = load_run(str(runs["cached"]))
     assert tokenizer.vocab_size == 30522  # The run reopens with BERT's WordPiece vocabulary.
     frozen = jax.device_get(state.params["model"]["text_encoder"])
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(pretrained), strict=True):
         np.testing.assert_array_equal(a, b)  # The optimizer mask kept BERT fixed.
-    assert not os.path.exists(runs[True] / "tokenizer.model")
+    assert not os.path.exists(runs["cached"] / "tokenizer.model")
+
+
+def test_changed_pretrained_weights_are_refused_on_resume(frozen_runs, tmp_path):
+    runs, _, config, _ = frozen_runs
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["cached"], workdir)
+    other = tmp_path / "other_bert"
+    tensors = tiny_bert_folder(str(other))  # Same shapes, one tensor changed below.
+    from safetensors.numpy import save_file
+
+    tensors["embeddings.LayerNorm.bias"] += 1.0
+    save_file(tensors, str(other / "model.safetensors"))
+    config = config.copy_and_resolve_references()
+    config.text.pretrained = str(other)
+    config.train.steps = 4
+    with pytest.raises(ConfigError, match="differ from those this run started with"):
+        train_and_evaluate(config, str(workdir), show_progress=False)
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
+        os.listdir(runs["cached"] / "checkpoints")
+    )  # Nothing written, nothing lost.
 
 
 def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
@@ -94,38 +131,3 @@ def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
     # Softmax is shift-invariant per query, so the key bias gets a zero gradient; every
     # other BERT parameter is trained.
     assert still == ["['layer_0']['key']['bias']"]
-
-
-def test_changed_pretrained_weights_are_refused_on_resume(test_config, tiny_bert, tmp_path):
-    config = bert_config(test_config, tiny_bert)
-    workdir = str(tmp_path / "run")
-    train_and_evaluate(config, workdir, show_progress=False)
-    other = tmp_path / "other_bert"
-    tiny_bert_folder(str(other), hidden_dropout_prob=0.0)  # Same shapes...
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(other / "model.safetensors"))
-    tensors["embeddings.LayerNorm.bias"] += 1.0  # ...different weights.
-    save_file(tensors, str(other / "model.safetensors"))
-    config.text.pretrained = str(other)
-    config.train.steps = 4
-    from t2i_jax.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="differ from those this run started with"):
-        train_and_evaluate(config, workdir, show_progress=False)
-
-
-def test_tfidf_statistics_are_fitted_on_the_training_captions(test_config, tmp_path):
-    test_config.text.encoder = "tfidf"
-    test_config.train.steps = 1
-    workdir = tmp_path / "tfidf"
-    train_and_evaluate(test_config, str(workdir), show_progress=False)
-    stats = TfidfStats.load(str(workdir / "tfidf.npz"))
-    tokenizer = Tokenizer.load(str(workdir / "tokenizer.model"))
-    builder = sources.load_builder("t2i_shapes", test_config.data.dir, "small")
-    tokens, mask = tokenizer.encode(sources.training_captions(builder), test_config.text.max_len)
-    expected = fit_tfidf(tokens, mask, tokenizer.vocab_size)
-    np.testing.assert_array_equal(stats.idf, expected.idf)
-    assert int(stats.num_documents) == len(tokens) == 512
-    method = load_run(str(workdir))[2]
-    np.testing.assert_array_equal(np.asarray(method.text_encoder.idf, np.float32), stats.idf)

@@ -1,0 +1,92 @@
+"""A method's view of its text encoder: init, encode, cached features, the empty caption.
+
+Every family conditions on text the same way, so this is shared rather than written per
+method: the encoder's params sit under "text_encoder" in the network's params (frozen by
+the optimizer mask `FROZEN_PATTERN` when the TextSide says so), a frozen encoder's features
+may come from the batch (the feature cache), and classifier-free guidance's dropped
+captions become the tokenizer's empty caption.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from t2i_jax.text.assets import TextSide
+from t2i_jax.text.features import TextFeatures
+
+FROZEN_PATTERN = "text_encoder/.*"  # The optimizer mask's pattern for a frozen encoder.
+
+
+def with_sequence(feats: TextFeatures) -> TextFeatures:
+    """Pooled-only encoders (bag-of-words, TF-IDF) give cross-attention one token."""
+    if feats.seq is not None:
+        return feats
+    batch = feats.pooled.shape[0]
+    return feats.replace(seq=feats.pooled[:, None, :], mask=jnp.ones((batch, 1), bool))
+
+
+def drop_captions(
+    drop: jax.Array, tokens: jax.Array, mask: jax.Array, null_tokens, null_mask
+) -> tuple[jax.Array, jax.Array]:
+    """Replaces the captions where `drop` [B] is True by the empty one ([1, L] each)."""
+    return jnp.where(drop[:, None], null_tokens, tokens), jnp.where(drop[:, None], null_mask, mask)
+
+
+def _select(drop: jax.Array, null: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), null, x)
+
+
+class TextConditioner:
+    """Wraps a `TextSide` for use inside a method's pure functions."""
+
+    def __init__(self, text: TextSide):
+        self.text = text
+        self.encoder = text.encoder
+        self.null_tokens, self.null_mask = (jnp.asarray(a) for a in text.null_text(1))
+
+    @property
+    def frozen_patterns(self) -> list[str]:
+        return [FROZEN_PATTERN] if self.text.frozen else []
+
+    def init(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array):
+        """The encoder's params: the pretrained ones if any, else a random init."""
+        if self.text.pretrained is not None:
+            return jax.tree.map(jnp.asarray, self.text.pretrained)
+        return self.encoder.init(rng, tokens, mask, train=False)["params"]
+
+    def encode(self, params, tokens, mask, *, train=False, rng=None) -> TextFeatures:
+        """TextFeatures (always with a sequence) of token ids; `params` are the encoder's."""
+        if self.text.frozen:  # The optimizer mask zeroes its update; skip its gradient too.
+            params = jax.lax.stop_gradient(params)
+        rngs = {"dropout": rng} if rng is not None else None
+        feats = self.encoder.apply({"params": params}, tokens, mask, train=train, rngs=rngs)
+        return with_sequence(feats)
+
+    def null(self, params, batch_size: int) -> TextFeatures:
+        """The empty caption's features, repeated batch_size times."""
+        feats = self.encode(params, self.null_tokens, self.null_mask)
+        return jax.tree.map(lambda a: jnp.repeat(a, batch_size, axis=0), feats)
+
+    def features(self, params, batch: dict, drop=None, *, train=False, rng=None) -> TextFeatures:
+        """The batch's text features; the empty caption's where `drop` [B] is True.
+
+        A batch with "text_pooled" carries a frozen encoder's cached features, used as they
+        are; otherwise the encoder runs on the batch's tokens.
+        """
+        if "text_pooled" in batch:
+            cached = with_sequence(
+                TextFeatures(
+                    seq=batch.get("text_seq"), pooled=batch["text_pooled"], mask=batch["mask"]
+                )
+            )
+            if drop is None:
+                return cached
+            null = self.encode(params, self.null_tokens, self.null_mask)
+            return jax.tree.map(functools.partial(_select, drop), null, cached)
+        tokens, mask = batch["tokens"], batch["mask"]
+        if drop is not None:
+            tokens, mask = drop_captions(drop, tokens, mask, self.null_tokens, self.null_mask)
+        return self.encode(params, tokens, mask, train=train, rng=rng)

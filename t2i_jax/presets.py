@@ -1,0 +1,94 @@
+"""Config sections shared by the experiment files (data, text, optimizer, training, samples).
+
+Experiments on the same data differ in their method's section; the rest comes from here so
+that "the same data, text encoder and schedule" is true by construction when families are
+compared. Each function returns a fresh ConfigDict for one variant.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Fixed prompts of the sample grids written during training (t2i_shapes captions).
+SHAPES_PROMPTS = (
+    "a large red circle in the center",
+    "a small blue square in the top left",
+    "a large green triangle at the bottom",
+    "a small yellow square on the right",
+    "a large purple circle in the top right",
+    "a large cyan square on the left",
+    "a small red triangle to the left of a small blue circle",
+    "a small green circle above a small yellow triangle",
+)
+
+VARIANTS = ("demo", "full", "test")
+
+
+def check_variant(variant: str | None) -> str:
+    variant = variant or "demo"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant '{variant}'; choose {', '.join(VARIANTS)}")
+    return variant
+
+
+def shapes_data(variant: str) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.name = "t2i_shapes"
+    d.variant = "small" if variant == "test" else "default"  # TFDS config: 20k or 512 train
+    d.dir = "data"  # Built here on first use (`t2i data prepare t2i_shapes`).
+    d.image_size = 32
+    d.workers = 0  # grain worker processes; 0 reads in the training process.
+    return d
+
+
+def text(variant: str) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    # transformer | causal | bow | tfidf | embedding | bert (t2i_jax/text/assets.py)
+    t.encoder = "transformer"
+    t.vocab_size = 128  # SentencePiece; capped by what the captions support.
+    t.max_len = 16 if variant == "test" else 24
+    t.width = {"demo": 64, "full": 128, "test": 32}[variant]  # all but bert (its own)
+    t.depth = 1 if variant == "test" else 2
+    t.num_heads = 2 if variant == "test" else 4
+    t.dropout = 0.0
+    t.sublinear_tf = False  # tfidf: tf = 1 + ln(count)
+    t.word_vectors = ""  # embedding: GloVe / word2vec text file to start from
+    t.pretrained = ""  # bert: Hugging Face folder ("": all-MiniLM-L6-v2 package)
+    t.finetune = False  # bert: train it too (else frozen by the optimizer mask)
+    t.cache_features = True  # frozen encoders: read features cached per data set
+    return t
+
+
+def adamw(lr: float, *, warmup_steps: int, b1: float = 0.9, b2: float = 0.99, ema: float = 0.999):
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.schedule = "cosine"  # cosine | constant
+    o.warmup_steps = warmup_steps
+    o.b1 = b1
+    o.b2 = b2
+    o.weight_decay = 0.0
+    o.grad_clip = 1.0
+    o.ema = ema
+    o.freeze = ""  # regex over param paths ("text_encoder/.*") kept fixed
+    return o
+
+
+def train(variant: str, **overrides) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 100_000
+    t.batch_size = 128
+    t.log_every = 50
+    t.checkpoint_every = 2000
+    t.sample_every = 5000
+    t.keep_checkpoints = 3
+    t.update(overrides)  # The experiment's own defaults; `test` is the same for all.
+    if variant == "test":
+        t.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3, sample_every=1000)
+    return t
+
+
+def samples(variant: str) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.prompts = SHAPES_PROMPTS[:2] if variant == "test" else SHAPES_PROMPTS
+    s.per_prompt = 1 if variant == "test" else 4
+    return s
