@@ -19,6 +19,7 @@ SIGINT saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same co
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=None)
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     sample.add_argument("--eta", type=float, default=None)
+    sample.add_argument(
+        "--truncation", type=float, default=None, help="GAN (stylegan2): truncation psi"
+    )
     sample.add_argument("--out", required=True, help="output PNG")
 
     evaluate = sub.add_parser(
@@ -193,9 +197,14 @@ def _sample(args) -> int:
             ("steps", args.steps),
             ("sampler", args.sampler),
             ("eta", args.eta),
+            ("truncation", args.truncation),
         )
         if v is not None
     }
+    accepted = inspect.signature(method.sample).parameters
+    for name in options:
+        if name not in accepted:
+            raise UserError(f"--{name} does not apply to a {config.method} run")
     images = sample_images(
         make_sampler(method, **options),
         state.ema_params,

@@ -37,6 +37,34 @@ def _text(factory: str) -> Callable[..., Any]:
     return build
 
 
+def _dfgan(config: ml_collections.ConfigDict):
+    from t2i_jax.nets.dfgan import DFDiscriminator, DFGenerator
+
+    g = config.gan
+    size = config.data.image_size
+    return (
+        DFGenerator(size, g.channels, tuple(g.g_channel_mults), g.cond_hidden),
+        DFDiscriminator(size, g.channels, tuple(g.d_channel_mults), g.conditioning),
+    )
+
+
+def _stylegan2(config: ml_collections.ConfigDict):
+    from t2i_jax.nets.stylegan2 import StyleDiscriminator, StyleGenerator
+
+    g = config.gan
+    size = config.data.image_size
+    return (
+        StyleGenerator(size, g.channels, tuple(g.g_channel_mults), g.w_dim, g.mapping_layers),
+        StyleDiscriminator(size, g.channels, tuple(g.d_channel_mults), g.conditioning),
+    )
+
+
+def _gan():
+    from t2i_jax.methods.gan import GAN
+
+    return GAN
+
+
 # Data sets: name -> TFDS builder class (array_record, no TensorFlow).
 DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _shapes_builder,
@@ -45,6 +73,13 @@ DATASETS: dict[str, Callable[[], Any]] = {
 # Generative families: name -> class(config, TextSide) implementing methods.base.Method.
 METHODS: dict[str, Callable[[], Any]] = {
     "diffusion": _diffusion,
+    "gan": _gan,
+}
+
+# GAN networks: name -> config -> (generator, discriminator) Flax modules.
+GAN_NETWORKS: dict[str, Callable[..., Any]] = {
+    "dfgan": _dfgan,
+    "stylegan2": _stylegan2,
 }
 
 # Text encoders: name -> (text config, TextContext) -> TextSide (tokenizer + Flax module
@@ -74,11 +109,17 @@ def check_names(config: ml_collections.ConfigDict) -> None:
     _checked(METHODS, config.method, "method")
     _checked(DATASETS, config.data.name, "data.name")
     _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")
+    if config.method == "gan":
+        _checked(GAN_NETWORKS, config.gan.network, "gan.network")
 
 
 def build_text(config: ml_collections.ConfigDict, ctx):
     """The run's TextSide (`text/assets.py`) for `config.text.encoder`."""
     return _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")(config.text, ctx)
+
+
+def build_gan_networks(config: ml_collections.ConfigDict):
+    return _checked(GAN_NETWORKS, config.gan.network, "gan.network")(config)
 
 
 def build_method(config: ml_collections.ConfigDict, text):

@@ -1,0 +1,193 @@
+"""Text-conditional GAN: min_G max_D E[log D(x, t)] + E[log(1 - D(G(z, t), t))] and variants.
+
+Players: the generator ("generator": its text encoder and network) and the discriminator
+("discriminator"), each with its own optimizer (TTUR: `optim` for G, `optim_d` for D). The
+text encoder learns with the generator; the discriminator reads its sentence vector without
+a gradient in its own step. One `train_step` does `gan.n_critic` discriminator updates
+(fresh z each) and one generator update, then G's EMA; the generic loop drives it.
+
+Discriminator loss per example (objective from `gan_losses`):
+  plain           d_real(D(x, t)) + d_fake(D(G(z, t), t))
+  matching-aware  d_real(D(x, t)) + (d_fake(D(G(z, t), t)) + d_fake(D(x, t_mis))) / 2
+                  with t_mis the batch's captions rolled by one (GAN-INT-CLS, DF-GAN)
+plus `r1_gamma` * R1 on real images every `r1_every` steps, scaled by `r1_every` (lazy R1),
+and `ma_gp_weight` * MA-GP (DF-GAN's matching-aware gradient penalty on (x, t)).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from t2i_jax import registry
+from t2i_jax.methods import gan_losses as losses
+from t2i_jax.methods.base import TrainState, ema_update
+from t2i_jax.methods.text_conditioning import TextConditioner
+from t2i_jax.text.assets import TextSide
+from t2i_jax.train.optim import make_optimizer
+
+
+class GAN:
+    """The GAN family behind the `Method` protocol."""
+
+    curves = ("d_loss", "g_loss")
+
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
+        self.config = config
+        self.gc = gc = config.gan
+        if gc.objective not in losses.OBJECTIVES:
+            raise ValueError(f"unknown gan.objective '{gc.objective}'; choose {losses.OBJECTIVES}")
+        if gc.n_critic < 1 or gc.r1_every < 1:
+            raise ValueError("gan.n_critic and gan.r1_every must be at least 1")
+        self.text = TextConditioner(text)
+        self.generator, self.discriminator = registry.build_gan_networks(config)
+        self.g_optimizer = make_optimizer(
+            config.optim, config.train.steps, frozen=self.text.frozen_patterns
+        )
+        self.d_optimizer = make_optimizer(config.optim_d, config.train.steps)
+
+    # -- networks ------------------------------------------------------------------------
+    def _text_vector(self, g_params, batch) -> jax.Array:
+        return self.text.features(g_params["text_encoder"], batch).pooled
+
+    def _generate(self, g_params, z, t, rng, *, train: bool) -> jax.Array:
+        return self.generator.apply(
+            {"params": g_params["net"]}, z, t, train=train, rngs={"noise": rng}
+        )
+
+    def _discriminate(self, d_params, images, t) -> jax.Array:
+        return self.discriminator.apply({"params": d_params["net"]}, images, t)
+
+    def _z(self, rng, batch_size: int) -> jax.Array:
+        return jax.random.normal(rng, (batch_size, self.gc.z_dim), jnp.float32)
+
+    # -- Method protocol -----------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+        k_text, k_g, k_d, k_noise = jax.random.split(rng, 4)
+        tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
+        text_params = self.text.init(k_text, tokens, mask)
+        t = self.text.encode(text_params, tokens, mask).pooled
+        z = self._z(k_noise, image.shape[0])
+        g_net = self.generator.init({"params": k_g, "noise": k_noise}, z, t)["params"]
+        d_net = self.discriminator.init(k_d, image, t)["params"]
+        g = {"text_encoder": text_params, "net": g_net}
+        d = {"net": d_net}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params={"generator": g, "discriminator": d},
+            ema_params={"generator": g},
+            opt_state={
+                "generator": self.g_optimizer.init(g),
+                "discriminator": self.d_optimizer.init(d),
+            },
+        )
+
+    def discriminator_loss(self, d_params, g_params, batch, t, rng, step):
+        """(scalar loss, metrics) of one discriminator update; G is held fixed."""
+        gc = self.gc
+        real = batch["image"]
+        k_z, k_noise = jax.random.split(rng)
+        fake = self._generate(g_params, self._z(k_z, real.shape[0]), t, k_noise, train=True)
+        fake = jax.lax.stop_gradient(fake)
+        l_real = self._discriminate(d_params, real, t)
+        l_fake = self._discriminate(d_params, fake, t)
+        fake_term = losses.d_fake_loss(gc.objective, l_fake)
+        if gc.matching_aware:
+            l_mis = self._discriminate(d_params, real, jnp.roll(t, 1, axis=0))
+            fake_term = 0.5 * (fake_term + losses.d_fake_loss(gc.objective, l_mis))
+        adversarial = jnp.mean(losses.d_real_loss(gc.objective, l_real) + fake_term)
+
+        d_of_x = lambda x: self._discriminate(d_params, x, t)
+        r1 = jnp.zeros((), jnp.float32)
+        if gc.r1_gamma > 0:
+            r1 = jax.lax.cond(
+                step % gc.r1_every == 0,
+                lambda: jnp.mean(losses.r1_penalty(d_of_x, real)),
+                lambda: jnp.zeros((), jnp.float32),
+            )
+        ma_gp = jnp.zeros((), jnp.float32)
+        if gc.ma_gp_weight > 0:
+            d_of_xt = lambda x, text: self._discriminate(d_params, x, text)
+            ma_gp = jnp.mean(losses.matching_aware_gp(d_of_xt, real, t, power=gc.ma_gp_power))
+        total = adversarial + gc.r1_gamma * gc.r1_every * r1 + gc.ma_gp_weight * ma_gp
+        metrics = {
+            "d_loss": adversarial,
+            "d_real": jnp.mean(jax.nn.sigmoid(l_real)),
+            "d_fake": jnp.mean(jax.nn.sigmoid(l_fake)),
+            "d_real_logit": jnp.mean(l_real),
+            "d_fake_logit": jnp.mean(l_fake),
+            "r1": r1,
+            "ma_gp": ma_gp,
+        }
+        return total, metrics
+
+    def generator_loss(self, g_params, d_params, batch, rng):
+        k_z, k_noise = jax.random.split(rng)
+        t = self._text_vector(g_params, batch)
+        fake = self._generate(g_params, self._z(k_z, t.shape[0]), t, k_noise, train=True)
+        logits = self._discriminate(d_params, fake, t)
+        return jnp.mean(losses.g_loss(self.gc.objective, logits))
+
+    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+        g_params = state.params["generator"]
+        k_d, k_g = jax.random.split(rng)
+        t = jax.lax.stop_gradient(self._text_vector(g_params, batch))
+
+        def d_update(carry, key):
+            d_params, d_opt = carry
+            (_, metrics), grads = jax.value_and_grad(self.discriminator_loss, has_aux=True)(
+                d_params, g_params, batch, t, key, state.step
+            )
+            updates, d_opt = self.d_optimizer.update(grads, d_opt, d_params)
+            metrics["d_grad_norm"] = optax.tree.norm(grads)
+            return (optax.apply_updates(d_params, updates), d_opt), metrics
+
+        (d_params, d_opt), d_metrics = jax.lax.scan(
+            d_update,
+            (state.params["discriminator"], state.opt_state["discriminator"]),
+            jax.random.split(k_d, self.gc.n_critic),
+        )
+        g_loss, g_grads = jax.value_and_grad(self.generator_loss)(g_params, d_params, batch, k_g)
+        updates, g_opt = self.g_optimizer.update(g_grads, state.opt_state["generator"], g_params)
+        g_params = optax.apply_updates(g_params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params={"generator": g_params, "discriminator": d_params},
+            ema_params={
+                "generator": ema_update(
+                    state.ema_params["generator"], g_params, state.step, self.config.optim.ema
+                )
+            },
+            opt_state={"generator": g_opt, "discriminator": d_opt},
+        )
+        metrics = {k: v[-1] for k, v in d_metrics.items()}  # the last critic update's
+        metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads))
+        return new_state, metrics
+
+    def sample(self, params, text: dict, rng: jax.Array, *, truncation: float | None = None):
+        """Images in [-1, 1] from G (the EMA params the loop passes).
+
+        truncation psi (StyleGAN2-style generator only): w = c + psi (w - c), where c is the
+        mean of w over 64 draws of z for the same caption (the caption's own centre).
+        """
+        psi = self.gc.truncation if truncation is None else truncation
+        g_params = params["generator"]
+        t = self.text.encode(g_params["text_encoder"], text["tokens"], text["mask"]).pooled
+        k_z, k_noise, k_centre = jax.random.split(rng, 3)
+        z = self._z(k_z, t.shape[0])
+        if psi == 1.0:
+            return self._generate(g_params, z, t, k_noise, train=False)
+        if not hasattr(self.generator, "mapping"):
+            raise ValueError(f"truncation needs a generator with a mapping network, not "
+                             f"gan.network='{self.gc.network}'")  # fmt: skip
+        net = {"params": g_params["net"]}
+        w = self.generator.apply(net, z, t, method="mapping")
+        # The same 64 draws for every caption, so equal captions get equal centres.
+        draws, batch = 64, t.shape[0]
+        z_c = jnp.repeat(self._z(k_centre, draws), batch, axis=0)  # row d * B + b: z_d
+        w_c = self.generator.apply(net, z_c, jnp.tile(t, (draws, 1)), method="mapping")
+        centre = jnp.mean(w_c.reshape(draws, batch, -1), axis=0)
+        w = centre + psi * (w - centre)
+        return self.generator.apply(net, w, method="synthesis", rngs={"noise": k_noise})

@@ -1,0 +1,145 @@
+"""DF-GAN (Tao et al. 2022) generator and discriminator, sized by the image resolution.
+
+Generator: z -> Dense -> 4x4 map; per upsampling block, two deep text-image fusion blocks
+(DFBlock: per-channel affine whose scale and shift are MLPs of the condition, then
+LeakyReLU) around 3x3 convs, with a 1x1 shortcut; LeakyReLU, 3x3 conv to RGB, tanh.
+The condition is [z, sentence vector], as in DF-GAN.
+
+Discriminator: 3x3 conv, then residual downsampling blocks (4x4 stride-2 conv and 3x3 conv
+with a learned residual gain starting at 0; the shortcut is 1x1 conv + 2x2 average pool)
+down to 4x4, then the text-conditional head (`gan_heads.ConditionalHead`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t2i_jax.nets.gan_heads import ConditionalHead
+
+
+def _levels(image_size: int) -> int:
+    levels = int(math.log2(image_size)) - 2
+    if image_size < 8 or 2 ** (levels + 2) != image_size:
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    return levels
+
+
+class Affine(nn.Module):
+    """x * gamma(c) + beta(c), with gamma starting at 1 and beta at 0 (DF-GAN's init)."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+
+        def mlp(name: str, bias_init):
+            h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=f"{name}_hidden")(cond))
+            return nn.Dense(
+                channels,
+                kernel_init=nn.initializers.zeros,
+                bias_init=bias_init,
+                dtype=self.dtype,
+                name=name,
+            )(h)
+
+        gamma = mlp("gamma", nn.initializers.ones)
+        beta = mlp("beta", nn.initializers.zeros)
+        return x * gamma[:, None, None, :] + beta[:, None, None, :]
+
+
+class DFBlock(nn.Module):
+    """Two (affine, LeakyReLU) fusions: DF-GAN's deep text-image fusion."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        x = nn.leaky_relu(Affine(self.hidden, self.dtype, name="affine0")(x, cond), 0.2)
+        return nn.leaky_relu(Affine(self.hidden, self.dtype, name="affine1")(x, cond), 0.2)
+
+
+class GBlock(nn.Module):
+    out_channels: int
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
+        conv = lambda n: nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name=n)
+        r = conv("conv0")(DFBlock(self.hidden, self.dtype, name="fuse0")(x, cond))
+        r = conv("conv1")(DFBlock(self.hidden, self.dtype, name="fuse1")(r, cond))
+        if c != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
+        return x + r
+
+
+class DFGenerator(nn.Module):
+    """z [B, z_dim], text [B, D] -> images [B, S, S, 3] in [-1, 1]."""
+
+    image_size: int = 32
+    channels: int = 32  # the width at the output resolution; x2 per level up to `mults`
+    channel_mults: Sequence[int] = (4, 4, 2, 1)  # 4x4 ... image_size (len = levels + 1)
+    cond_hidden: int = 128
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, text: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # No dropout or batch statistics.
+        levels = _levels(self.image_size)
+        if len(self.channel_mults) != levels + 1:
+            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        widths = [self.channels * m for m in self.channel_mults]
+        cond = jnp.concatenate([z, text], axis=-1).astype(self.dtype)
+        x = nn.Dense(4 * 4 * widths[0], dtype=self.dtype, name="fc")(z.astype(self.dtype))
+        x = x.reshape(z.shape[0], 4, 4, widths[0])
+        for i, width in enumerate(widths[1:]):
+            x = GBlock(width, self.cond_hidden, self.dtype, name=f"block{i}")(x, cond)
+        x = nn.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(nn.leaky_relu(x, 0.2))
+        return jnp.tanh(x.astype(jnp.float32))
+
+
+class DBlock(nn.Module):
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        r = nn.Conv(self.out_channels, (4, 4), strides=2, padding=1, dtype=self.dtype, name="down")
+        r = nn.leaky_relu(r(x), 0.2)
+        r = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv")(r)
+        r = nn.leaky_relu(r, 0.2)
+        s = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
+        s = nn.avg_pool(s, (2, 2), (2, 2))
+        gain = self.param("gain", nn.initializers.zeros, ())
+        return s + gain * r
+
+
+class DFDiscriminator(nn.Module):
+    """images [B, S, S, 3], text [B, D] -> logits [B]."""
+
+    image_size: int = 32
+    channels: int = 32
+    channel_mults: Sequence[int] = (1, 2, 4, 4)  # image_size ... 4x4 (len = levels + 1)
+    conditioning: str = "concat"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
+        levels = _levels(self.image_size)
+        if len(self.channel_mults) != levels + 1:
+            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        widths = [self.channels * m for m in self.channel_mults]
+        h = nn.Conv(widths[0], (3, 3), dtype=self.dtype, name="from_rgb")(x.astype(self.dtype))
+        for i, width in enumerate(widths[1:]):
+            h = DBlock(width, self.dtype, name=f"block{i}")(h)
+        return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
