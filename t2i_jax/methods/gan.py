@@ -144,11 +144,10 @@ class GAN:
             metrics["d_grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(d_params, updates), d_opt), metrics
 
-        (d_params, d_opt), d_metrics = jax.lax.scan(
-            d_update,
-            (state.params["discriminator"], state.opt_state["discriminator"]),
-            jax.random.split(k_d, self.gc.n_critic),
-        )
+        carry = (state.params["discriminator"], state.opt_state["discriminator"])
+        for key in jax.random.split(k_d, self.gc.n_critic):  # n_critic is small and static
+            carry, d_metrics = d_update(carry, key)
+        d_params, d_opt = carry
         g_loss, g_grads = jax.value_and_grad(self.generator_loss)(g_params, d_params, batch, k_g)
         updates, g_opt = self.g_optimizer.update(g_grads, state.opt_state["generator"], g_params)
         g_params = optax.apply_updates(g_params, updates)
@@ -162,7 +161,7 @@ class GAN:
             },
             opt_state={"generator": g_opt, "discriminator": d_opt},
         )
-        metrics = {k: v[-1] for k, v in d_metrics.items()}  # the last critic update's
+        metrics = dict(d_metrics)  # the last critic update's
         metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads))
         return new_state, metrics
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax.nets.gan_heads import ConditionalHead
+from t2i_jax.nets.layers import upsample_nearest
 
 
 def _levels(image_size: int) -> int:
@@ -73,8 +74,8 @@ class GBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
+        c = x.shape[-1]
+        x = upsample_nearest(x)
         conv = lambda n: nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name=n)
         r = conv("conv0")(DFBlock(self.hidden, self.dtype, name="fuse0")(x, cond))
         r = conv("conv1")(DFBlock(self.hidden, self.dtype, name="fuse1")(r, cond))

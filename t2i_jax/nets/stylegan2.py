@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax.nets.gan_heads import ConditionalHead
+from t2i_jax.nets.layers import upsample_nearest
 
 
 def modulated_conv(
@@ -139,13 +140,13 @@ class StyleGenerator(nn.Module):
         rgb = None
         for i, layers in enumerate(self.layers):
             if i > 0:
-                x = jax.image.resize(x, (b, 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "nearest")
+                x = upsample_nearest(x)
             for layer in layers:
                 n = jax.random.normal(self.make_rng("noise"), x.shape[:3] + (1,)) if noise else None
                 x = layer(x, w, n)
             y = self.to_rgb[i](x, w)
             if rgb is not None:
-                rgb = jax.image.resize(rgb, y.shape, "nearest")
+                rgb = upsample_nearest(rgb)
                 y = y + rgb
             rgb = y
         return jnp.tanh(rgb.astype(jnp.float32))
