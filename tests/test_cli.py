@@ -86,6 +86,30 @@ def test_eval_scores_a_run(trained):
     assert "## Evaluation" in (workdir / "report.md").read_text()
 
 
+def test_gan_run_trains_samples_and_evaluates(tmp_path, data_dir):
+    workdir = tmp_path / "gan"
+    args = train_args(workdir, data_dir, "--config.train.steps=2")
+    args[2] = args[2].replace("diffusion_shapes.py", "gan_shapes.py")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm"} <= set(logged)
+    report = (workdir / "report.md").read_text()
+    assert "d_loss.png" in report and "g_loss.png" in report
+    out = tmp_path / "gan.png"
+    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--num", "2", "--out", str(out))  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(out).size[0] > 0
+    refused = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--guidance", "3", "--out", str(out))  # fmt: skip
+    assert refused.returncode == 2 and "--guidance does not apply to a gan run" in refused.stderr
+    evaluated = run_cli("eval", "--workdir", str(workdir), "--num", "8")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["splits"]["validation"]["generated"]["r_precision"] is not None
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

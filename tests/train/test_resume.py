@@ -3,9 +3,14 @@
 (Same seed, same numbers across separate processes is tested through the CLI in
 test_cli.py, whose killed-and-resumed runs are compared with a reference run.)"""
 
+import os
+
 import jax
 import numpy as np
+import pytest
+from helpers import REPO
 
+from t2i_jax import config as config_lib
 from t2i_jax.eval.sample import load_run
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
@@ -15,7 +20,12 @@ def params_of(workdir):
     return jax.device_get(load_run(str(workdir))[3])
 
 
-def test_resume_is_bitwise_equal(test_config, tmp_path):
+@pytest.mark.parametrize("experiment", ["diffusion_shapes.py", "gan_shapes.py"])
+def test_resume_is_bitwise_equal(experiment, data_dir, tmp_path):
+    """Both families' states: diffusion's one optimizer, and the GAN's two players, two
+    optimizer states and the generator's EMA."""
+    test_config = config_lib.load_config(os.path.join(REPO, "experiments", f"{experiment}:test"))
+    test_config.data.dir = data_dir
     n = 3
     test_config.train.steps = 2 * n
     test_config.train.checkpoint_every = n
