@@ -105,12 +105,16 @@ def get(table: dict[str, Callable[[], Any]], name: str, key: str) -> Any:
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:
-    """Fails on an unknown registry name before a run creates anything on disk."""
+    """Fails on an unknown registry name (and a bad `gan` section) before a run creates
+    anything on disk."""
     _checked(METHODS, config.method, "method")
     _checked(DATASETS, config.data.name, "data.name")
     _checked(TEXT_ENCODERS, config.text.encoder, "text.encoder")
     if config.method == "gan":
+        from t2i_jax.methods.gan import check_config
+
         _checked(GAN_NETWORKS, config.gan.network, "gan.network")
+        check_config(config)
 
 
 def build_text(config: ml_collections.ConfigDict, ctx):

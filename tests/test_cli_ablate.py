@@ -36,13 +36,20 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, data_dir):
         assert config["text"]["encoder"] == name and config["train"]["steps"] == 2
         metrics = [json.loads(line) for line in (workdir / name / "metrics.jsonl").open()]
         losses = [m["loss"] for m in metrics]
-        assert run["final_loss"] == pytest.approx(sum(losses) / len(losses))  # <= 10 logged
+        assert run["final"]["loss"] == pytest.approx(sum(losses) / len(losses))  # <= 10 logged
+        assert run["steps"] == 2
         assert run["eval"]["splits"]["validation"]["generated"]["r_precision"] is not None
         assert (workdir / name / "eval" / "metrics.json").is_file()
     assert json.loads((workdir / "embedding" / "config.json").read_text())["text"]["width"] == 16
     table = (workdir / "results.md").read_text()
     assert "| bow | text.encoder=bow | 2 |" in table and "val R-precision" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3
+
+    # The same workdir with other settings is refused before anything is trained.
+    changed = run_cli("ablate", "--sweep", sweep, "--workdir", str(workdir),
+                      f"--config.data.dir={data_dir}", "--config.text.width=8")  # fmt: skip
+    assert changed.returncode == 2, changed.stderr
+    assert "holds a run with other settings (text.width)" in changed.stderr
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ A sweep file defines `get_sweep(arg) -> {"base": "experiment.py:variant", "runs"
 {dotted key: value}}}`. `run_sweep` trains each run in `<workdir>/<name>/` (resuming any
 that exist, so a stopped sweep continues where it stopped), optionally evaluates it
 (`t2i eval`), and rewrites `<workdir>/results.md` and `results.json` after every run.
-Every run's config is built and checked before the first one starts, so a typo in the
-last run fails in seconds, not hours.
+Every run's config is built and checked (keys, types, registry names, the method's own
+section) before the first one starts, and an existing run directory must hold the same
+run (only `train.steps` may grow), so a typo in the last run fails in seconds, not hours.
 """
 
 from __future__ import annotations
@@ -76,9 +77,34 @@ def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.C
     return configs
 
 
-def final_loss(workdir: str) -> float | None:
-    losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
-    return float(np.mean(losses[-FINAL_LOSS_STEPS:])) if losses else None
+CURVES = ("loss", "d_loss", "g_loss")  # training losses of the families, as logged
+
+
+def final_losses(workdir: str) -> dict[str, float]:
+    """Each logged training loss, averaged over the last FINAL_LOSS_STEPS logged steps."""
+    records = read_metrics(workdir)
+    out = {}
+    for key in CURVES:
+        values = [m[key] for m in records if key in m]
+        if values:
+            out[key] = float(np.mean(values[-FINAL_LOSS_STEPS:]))
+    return out
+
+
+def check_existing_run(run_dir: str, config: ml_collections.ConfigDict, name: str) -> None:
+    """An existing run directory continues only the same run (train.steps may grow)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = config_lib.flatten(config_lib.from_json(f.read()))
+    wanted = config_lib.flatten(config)
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if [k for k in changed if k != "train.steps"]:
+        raise ConfigError(
+            f"sweep run '{name}': {run_dir} holds a run with other settings "
+            f"({', '.join(changed)}); use a new --workdir"
+        )
 
 
 # (label, split, path into the split's "generated" measures)
@@ -103,14 +129,16 @@ def _lookup(metrics: dict, split: str, path: tuple[str, ...]) -> float | None:
 
 def results_table(results: dict[str, dict]) -> list[str]:
     evaluated = any(r.get("eval") for r in results.values())
-    header = ["run", "changes", "steps", f"final loss (mean of last {FINAL_LOSS_STEPS} logged)"]
+    curves = [c for c in CURVES if any(c in r["final"] for r in results.values())]
+    header = ["run", "changes", "steps"]
+    header += [f"final {c} (mean of last {FINAL_LOSS_STEPS} logged)" for c in curves]
     if evaluated:
         header += [label for label, _, _ in EVAL_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
-        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-        cells = [name, changes, str(r["steps"]), loss]
+        cells = [name, changes, str(r["steps"])]
+        cells += [f"{r['final'][c]:.4f}" if c in r["final"] else "-" for c in curves]
         if evaluated:
             for _, split, path in EVAL_COLUMNS:
                 value = _lookup(r.get("eval") or {}, split, path)
@@ -159,6 +187,8 @@ def run_sweep(
 
     sweep = load_sweep(spec)
     configs = run_configs(sweep, overrides)
+    for name, config in configs.items():
+        check_existing_run(os.path.join(workdir, name), config, name)
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, dict] = {}
     for name, config in configs.items():
@@ -168,8 +198,8 @@ def run_sweep(
         results[name] = {
             "workdir": run_dir,
             "changes": sweep["runs"][name],
-            "steps": config.train.steps,
-            "final_loss": final_loss(run_dir),
+            "steps": max((m["step"] for m in read_metrics(run_dir)), default=0),
+            "final": final_losses(run_dir),
             "eval": evaluate_run(run_dir, num=num, seed=seed) if evaluate else None,
         }
         _write(workdir, spec, overrides, results)

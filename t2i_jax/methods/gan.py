@@ -22,11 +22,36 @@ import ml_collections
 import optax
 
 from t2i_jax import registry
+from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import gan_losses as losses
 from t2i_jax.methods.base import TrainState, ema_update
 from t2i_jax.methods.text_conditioning import TextConditioner
+from t2i_jax.nets.gan_heads import CONDITIONINGS
 from t2i_jax.text.assets import TextSide
 from t2i_jax.train.optim import make_optimizer
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The `gan` section's values, as one-line ConfigErrors (before any run starts)."""
+    gc = config.gan
+    if gc.objective not in losses.OBJECTIVES:
+        raise ConfigError(f"unknown gan.objective '{gc.objective}'; choose {losses.OBJECTIVES}")
+    if gc.conditioning not in CONDITIONINGS:
+        raise ConfigError(f"unknown gan.conditioning '{gc.conditioning}'; choose {CONDITIONINGS}")
+    for key in ("n_critic", "r1_every", "z_dim", "channels"):
+        if not isinstance(gc[key], int) or gc[key] < 1:
+            raise ConfigError(f"gan.{key} must be a positive int, got {gc[key]!r}")
+    size = config.data.image_size
+    levels = size.bit_length() - 3
+    if size < 8 or 2 ** (levels + 2) != size:
+        raise ConfigError(f"data.image_size must be a power of two >= 8, got {size}")
+    for key in ("g_channel_mults", "d_channel_mults"):
+        if len(gc[key]) != levels + 1:
+            raise ConfigError(
+                f"gan.{key} needs {levels + 1} entries for {size}px images, got {tuple(gc[key])}"
+            )
+    if gc.truncation != 1.0 and gc.network != "stylegan2":
+        raise ConfigError("gan.truncation needs gan.network=stylegan2 (a mapping network)")
 
 
 class GAN:
@@ -37,16 +62,14 @@ class GAN:
     def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
         self.config = config
         self.gc = gc = config.gan
-        if gc.objective not in losses.OBJECTIVES:
-            raise ValueError(f"unknown gan.objective '{gc.objective}'; choose {losses.OBJECTIVES}")
-        if gc.n_critic < 1 or gc.r1_every < 1:
-            raise ValueError("gan.n_critic and gan.r1_every must be at least 1")
+        check_config(config)
         self.text = TextConditioner(text)
         self.generator, self.discriminator = registry.build_gan_networks(config)
         self.g_optimizer = make_optimizer(
             config.optim, config.train.steps, frozen=self.text.frozen_patterns
         )
-        self.d_optimizer = make_optimizer(config.optim_d, config.train.steps)
+        # D takes n_critic updates per train step: its schedule spans all of them.
+        self.d_optimizer = make_optimizer(config.optim_d, config.train.steps * gc.n_critic)
 
     # -- networks ------------------------------------------------------------------------
     def _text_vector(self, g_params, batch) -> jax.Array:
@@ -127,7 +150,9 @@ class GAN:
         k_z, k_noise = jax.random.split(rng)
         t = self._text_vector(g_params, batch)
         fake = self._generate(g_params, self._z(k_z, t.shape[0]), t, k_noise, train=True)
-        logits = self._discriminate(d_params, fake, t)
+        # The text encoder learns through G's conditioning only: a gradient through D's
+        # text input would let it move text vectors to where D accepts fakes.
+        logits = self._discriminate(d_params, fake, jax.lax.stop_gradient(t))
         return jnp.mean(losses.g_loss(self.gc.objective, logits))
 
     def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
@@ -179,8 +204,10 @@ class GAN:
         if psi == 1.0:
             return self._generate(g_params, z, t, k_noise, train=False)
         if not hasattr(self.generator, "mapping"):
-            raise ValueError(f"truncation needs a generator with a mapping network, not "
-                             f"gan.network='{self.gc.network}'")  # fmt: skip
+            raise UserError(
+                f"truncation needs a generator with a mapping network (stylegan2), not "
+                f"gan.network='{self.gc.network}'"
+            )
         net = {"params": g_params["net"]}
         w = self.generator.apply(net, z, t, method="mapping")
         # The same 64 draws for every caption, so equal captions get equal centres.

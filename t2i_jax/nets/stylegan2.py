@@ -68,7 +68,7 @@ class ModulatedConv(nn.Module):
             nn.initializers.normal(1.0 / math.sqrt(fan_in)),
             (self.kernel_size, self.kernel_size, cin, self.features),
         )
-        # Styles start at 1: at init the layer is a plain convolution.
+        # Styles are an affine map of w with bias 1, so they start near 1.
         styles = nn.Dense(cin, bias_init=nn.initializers.ones, name="style")(w)
         y = modulated_conv(x, kernel, styles, demodulate=self.demodulate)
         return y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)

@@ -12,10 +12,12 @@ float32 [U, D] and, for encoders with a sequence, `seq.npy` float32 [U, L, D], w
 per distinct caption (templated captions repeat), and `meta.json`. The cache is written in
 a temporary directory that is renamed into place only when complete, so a run killed
 mid-write leaves no cache that looks whole; the next run removes the leftover and starts over.
+Builds of one cache are serialised by a lock file beside it (runs sharing a data directory).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -155,14 +157,20 @@ def open_or_build(
     name = f"{split}-{key}"
     final = os.path.join(root, name)
     if jax.process_index() == 0 and not os.path.isdir(final):
-        for leftover in glob.glob(os.path.join(root, f".{name}.tmp-*")):
-            shutil.rmtree(leftover, ignore_errors=True)  # From a run killed mid-write.
-        tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
-        os.makedirs(tmp)
-        texts = list(captions())
-        log.info("caching text features of %d %s captions in %s", len(texts), split, final)
-        _write(tmp, texts, tokenize, encode, batch_size, {"key": key, "split": split})
-        os.replace(tmp, final)
+        os.makedirs(root, exist_ok=True)
+        # Runs sharing a data directory build one cache at a time: the second waits for
+        # the first, then finds the cache complete.
+        with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isdir(final):
+                for leftover in glob.glob(os.path.join(root, f".{name}.tmp-*")):
+                    shutil.rmtree(leftover, ignore_errors=True)  # A killed build's.
+                tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
+                os.makedirs(tmp)
+                texts = list(captions())
+                log.info("caching text features of %d %s captions in %s", len(texts), split, final)
+                _write(tmp, texts, tokenize, encode, batch_size, {"key": key, "split": split})
+                os.replace(tmp, final)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

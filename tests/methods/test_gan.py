@@ -11,6 +11,7 @@ import pytest
 from t2i_jax import config as config_lib
 from t2i_jax import registry
 from t2i_jax.data import sources
+from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import gan_losses as losses
 from t2i_jax.nets.dfgan import DFDiscriminator
 from t2i_jax.nets.stylegan2 import modulated_conv
@@ -146,24 +147,54 @@ def test_each_players_step_moves_its_objective(data_dir, tmp_path, objective):
     assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
-def test_stylegan2_truncation_pulls_samples_to_the_captions_centre(data_dir, tmp_path):
+def test_stylegan2_truncation_pulls_samples_to_each_captions_centre(data_dir, tmp_path):
     config, builder, method, fns = build_gan(
         data_dir, tmp_path, **{"gan.network": "stylegan2", "gan.conditioning": "projection"}
     )
     state = fns.init(jax.random.key(0))
     batch = real_batch(config, builder, method)
-    text = {"tokens": jnp.repeat(batch["tokens"][:1], 4, 0),
-            "mask": jnp.repeat(batch["mask"][:1], 4, 0)}  # fmt: skip
-    free = method.sample(state.ema_params, text, jax.random.key(3), truncation=1.0)
-    centre = method.sample(state.ema_params, text, jax.random.key(3), truncation=0.0)
-    half = method.sample(state.ema_params, text, jax.random.key(3), truncation=0.5)
-    spread = lambda images: float(jnp.mean(jnp.std(images, axis=0)))
-    # Noise strengths start at 0, so psi = 0 gives every z the caption's centre image.
+    assert not np.array_equal(batch["tokens"][0], batch["tokens"][1])
+    rows = jnp.array([0, 0, 0, 1, 1, 1])  # two different captions, three draws each
+    text = {"tokens": batch["tokens"][rows], "mask": batch["mask"][rows]}
+    sample = lambda psi: method.sample(state.ema_params, text, jax.random.key(3), truncation=psi)
+    free, centre, half = sample(1.0), sample(0.0), sample(0.5)
+
+    # The explicit centre of each caption: the mean w over the sampler's 64 draws of z.
+    g = state.ema_params["generator"]
+    t = method.text.encode(g["text_encoder"], text["tokens"], text["mask"]).pooled
+    net = {"params": g["net"]}
+    z = method._z(jax.random.split(jax.random.key(3), 3)[2], 64)
+    noise = {"noise": jax.random.key(0)}
+    for i in (0, 3):
+        w = method.generator.apply(net, z, jnp.repeat(t[i : i + 1], 64, 0), method="mapping")
+        w = jnp.mean(w, 0, keepdims=True)
+        image = method.generator.apply(net, w, method="synthesis", rngs=noise)
+        # Noise strengths start at 0, so psi = 0 gives every z its caption's centre image.
+        np.testing.assert_allclose(centre[i : i + 3], jnp.repeat(image, 3, 0), atol=1e-5)
+    spread = lambda images: float(jnp.mean(jnp.std(images[:3], axis=0)))
     assert spread(centre) < 1e-5 < spread(half) < spread(free)
+    assert float(jnp.max(jnp.abs(centre[0] - centre[3]))) > 0.05  # each caption its own
     new_state, metrics = fns.train_step(state, batch, jax.random.key(1))
     assert all(np.isfinite(float(v)) for v in metrics.values())
     (tmp_path / "df").mkdir()
     _, _, dfgan, dfgan_fns = build_gan(data_dir, tmp_path / "df")
-    with pytest.raises(ValueError, match="mapping network"):
+    with pytest.raises(UserError, match="mapping network"):
         dfgan.sample(dfgan_fns.init(jax.random.key(0)).ema_params, text, jax.random.key(0),
                      truncation=0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"gan.objective": "wasserstein"}, "unknown gan.objective"),
+        ({"gan.conditioning": "film"}, "unknown gan.conditioning"),
+        ({"gan.g_channel_mults": (4, 2, 1)}, "gan.g_channel_mults needs 4 entries"),
+        ({"gan.truncation": 0.7}, "gan.truncation needs gan.network=stylegan2"),
+        ({"gan.n_critic": 0}, "gan.n_critic must be a positive int"),
+    ],
+)
+def test_bad_gan_sections_are_config_errors(overrides, message):
+    config = config_lib.load_config(f"{GAN_EXPERIMENT}:test")
+    config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
+    with pytest.raises(ConfigError, match=message):
+        registry.check_names(config)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -107,7 +108,33 @@ def test_a_failed_build_leaves_no_cache(tmp_path):
     assert not os.path.exists(tmp_path / "train-k")
     features = build(tmp_path, "k", CountingEncoder())
     assert features.features(4)["text_pooled"].tolist() == [11.0, 22.0, 33.0]
-    assert os.listdir(tmp_path) == ["train-k"]  # The leftover of the failed build is gone.
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == ["train-k"]
+
+
+def test_concurrent_builds_make_one_cache(tmp_path):
+    """Two runs sharing a data directory: the second waits for the first's cache."""
+
+    class Slow(CountingEncoder):
+        def __call__(self, tokens, mask):
+            time.sleep(0.2)
+            return super().__call__(tokens, mask)
+
+    encoders = [Slow(), Slow()]
+    results = [None, None]
+
+    def build_in_thread(i):
+        results[i] = build(tmp_path, "k", encoders[i])
+
+    threads = [threading.Thread(target=build_in_thread, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(e.calls for e in encoders) == [0, 2]  # One built, the other reused.
+    expected = CountingEncoder()(*tokenize(CAPTIONS))["pooled"]
+    for features in results:
+        got = np.stack([features.features(i)["text_pooled"] for i in range(len(CAPTIONS))])
+        np.testing.assert_array_equal(got, expected)
 
 
 KILLED_BUILD = textwrap.dedent(
@@ -147,7 +174,7 @@ def test_survives_a_kill_mid_write(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    leftovers = os.listdir(root)
+    leftovers = [n for n in os.listdir(root) if not n.endswith(".lock")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".train-k.tmp-")
     with pytest.raises(DataError, match="unreadable"):
         cache.FeatureCache(str(root / leftovers[0]))  # Half a cache has no meta.json.
@@ -157,4 +184,4 @@ def test_survives_a_kill_mid_write(tmp_path):
     expected = CountingEncoder()(*tokenize(captions))["pooled"]
     got = np.stack([features.features(i)["text_pooled"] for i in range(8)])
     np.testing.assert_array_equal(got, expected)
-    assert os.listdir(root) == ["train-k"]
+    assert [n for n in os.listdir(root) if not n.endswith(".lock")] == ["train-k"]

@@ -46,7 +46,8 @@ def bert_config(test_config, tiny_bert, **text):
 def cache_dirs(config) -> list[str]:
     builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
     root = os.path.join(builder.data_dir, "text_features")
-    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(n for n in names if not n.startswith("."))  # not lock or temp files
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,28 @@ def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
     # Softmax is shift-invariant per query, so the key bias gets a zero gradient; every
     # other BERT parameter is trained.
     assert still == ["['layer_0']['key']['bias']"]
+
+
+def test_pipeline_attaches_each_examples_cached_features(frozen_runs, tmp_path):
+    """Shuffled batches carry, for every example, the features of its own caption."""
+    from t2i_jax.data import pipeline
+
+    _, _, config, cache = frozen_runs
+    builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
+    text = registry.build_text(config, TextContext(str(tmp_path), builder, config.seed))
+    loader = pipeline.make_loader(
+        builder.as_data_source("train"),
+        text.tokenizer,
+        global_batch_size=16,
+        max_len=config.text.max_len,
+        seed=3,
+        features=cache,
+    )
+    batch = next(iter(loader))
+    feats = jax.jit(lambda t, m: text.encoder.apply({"params": text.pretrained}, t, m))(
+        batch["tokens"], batch["mask"]
+    )
+    # Batches of 16 here, of 128 when the cache was built: float32 round-off only.
+    np.testing.assert_allclose(batch["text_pooled"], feats.pooled, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["text_seq"], feats.seq, rtol=1e-5, atol=1e-5)
+    assert len({bytes(row) for row in np.asarray(batch["tokens"])}) > 8  # varied captions
