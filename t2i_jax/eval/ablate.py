@@ -100,10 +100,11 @@ def check_existing_run(run_dir: str, config: ml_collections.ConfigDict, name: st
         saved = config_lib.flatten(config_lib.from_json(f.read()))
     wanted = config_lib.flatten(config)
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-    if [k for k in changed if k != "train.steps"]:
+    others = [k for k in changed if k != "train.steps"]
+    if others:
         raise ConfigError(
             f"sweep run '{name}': {run_dir} holds a run with other settings "
-            f"({', '.join(changed)}); use a new --workdir"
+            f"({', '.join(others)}); use a new --workdir"
         )
 
 
