@@ -22,23 +22,32 @@ from t2i_jax.errors import ConfigError
 REQUIRED_KEYS = ("seed", "train.steps", "train.batch_size", "data.name", "method")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`."""
+def call_file_function(spec: str, function: str, kind: str) -> Any:
+    """`path/to/file.py[:arg]` -> the file's `function(arg)`; every failure a ConfigError.
+
+    `kind` names the file in messages ("config", "sweep").
+    """
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_t2i_experiment_config", path)
+        raise ConfigError(f"{kind} file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_t2i_{kind}_file", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # A broken config file is the user's error: say where.
-        raise ConfigError(f"cannot execute config file {path}: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config(arg)")
+    except Exception as e:  # A broken file is the user's error: say where.
+        raise ConfigError(f"cannot execute {kind} file {path}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, function):
+        raise ConfigError(f"{kind} file {path} defines no {function}(arg)")
     try:
-        config = module.get_config(arg or None)
+        return getattr(module, function)(arg or None)
     except (ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: get_config({arg!r}) failed: {e}") from e
+        raise ConfigError(f"{path}: {function}({arg!r}) failed: {e}") from e
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`."""
+    path = spec.partition(":")[0]
+    config = call_file_function(spec, "get_config", "config")
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return config

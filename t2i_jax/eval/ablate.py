@@ -11,7 +11,6 @@ run (only `train.steps` may grow), so a typo in the last run fails in seconds, n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -32,18 +31,8 @@ FINAL_LOSS_STEPS = 10  # "final loss": the mean of the last this-many logged los
 
 def load_sweep(spec: str) -> dict[str, Any]:
     """Loads `path/to/sweep.py[:arg]` by calling its `get_sweep(arg)`; checks its shape."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_t2i_sweep", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-        sweep = module.get_sweep(arg or None)
-    except AttributeError as e:
-        raise ConfigError(f"sweep file {path} defines no get_sweep(arg): {e}") from e
-    except Exception as e:  # A broken sweep file is the user's error: say where.
-        raise ConfigError(f"cannot execute sweep file {path}: {type(e).__name__}: {e}") from e
+    path = spec.partition(":")[0]
+    sweep = config_lib.call_file_function(spec, "get_sweep", "sweep")
     if (
         not isinstance(sweep, dict)
         or not isinstance(sweep.get("base"), str)
