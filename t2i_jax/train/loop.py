@@ -157,11 +157,10 @@ def train_and_evaluate(
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
     os.makedirs(workdir, exist_ok=True)
-    if primary:
-        _write_config(config, workdir)
-
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+    if primary:  # After the text side's checks, so a refused resume changes no file.
+        _write_config(config, workdir)
     tokenizer = text.tokenizer
     method = registry.build_method(config, text)
     mesh = sharding.make_mesh(devices)

@@ -114,6 +114,8 @@ def test_changed_pretrained_weights_are_refused_on_resume(frozen_runs, tmp_path)
     assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
         os.listdir(runs["cached"] / "checkpoints")
     )  # Nothing written, nothing lost.
+    saved = (workdir / "config.json").read_text()
+    assert saved == (runs["cached"] / "config.json").read_text()
 
 
 def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
