@@ -9,13 +9,11 @@ non-saturating -log D(G(z)) and hinge losses are the practical variants.
 
 import os
 
+from t2i_jax.eval.ablate import one_key_sweep
+
 OBJECTIVES = ("minimax", "non_saturating", "hinge")
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gan_shapes.py")
 
 
 def get_sweep(arg: str | None = None) -> dict:
-    variant = arg or "demo"
-    return {
-        "base": f"{os.path.normpath(BASE)}:{variant}",
-        "runs": {name: {"gan.objective": name} for name in OBJECTIVES},
-    }
+    return one_key_sweep(BASE, arg or "demo", "gan.objective", OBJECTIVES)

@@ -12,13 +12,11 @@ Writes `<workdir>/<encoder>/` (one run each) and `<workdir>/results.md` / `resul
 
 import os
 
+from t2i_jax.eval.ablate import one_key_sweep
+
 ENCODERS = ("transformer", "causal", "bow", "tfidf", "embedding", "bert")
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "diffusion_shapes.py")
 
 
 def get_sweep(arg: str | None = None) -> dict:
-    variant = arg or "demo"
-    return {
-        "base": f"{os.path.normpath(BASE)}:{variant}",
-        "runs": {name: {"text.encoder": name} for name in ENCODERS},
-    }
+    return one_key_sweep(BASE, arg or "demo", "text.encoder", ENCODERS)

@@ -46,6 +46,14 @@ def load_sweep(spec: str) -> dict[str, Any]:
     return sweep
 
 
+def one_key_sweep(experiment: str, variant: str, key: str, values) -> dict[str, Any]:
+    """A sweep of `experiment:variant` with one run per value of `key`, named by the value."""
+    return {
+        "base": f"{os.path.normpath(experiment)}:{variant}",
+        "runs": {str(value): {key: value} for value in values},
+    }
+
+
 def _override(key: str, value: Any) -> str:
     return f"{key}={value if isinstance(value, str) else repr(value)}"
 

@@ -45,7 +45,9 @@ class TextConditioner:
     def __init__(self, text: TextSide):
         self.text = text
         self.encoder = text.encoder
-        self.null_tokens, self.null_mask = (jnp.asarray(a) for a in text.null_text(1))
+        self.null_tokens, self.null_mask = (
+            jnp.asarray(a) for a in text.tokenizer.empty(text.max_len)
+        )
 
     @property
     def frozen_patterns(self) -> list[str]:

@@ -55,7 +55,8 @@ class TextContext:
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
-    def _primary(self) -> bool:
+    def primary(self) -> bool:
+        """Process 0 writes the run's files; the others read them."""
         return jax.process_index() == 0
 
     def sentencepiece(self, vocab_size: int) -> Tokenizer:
@@ -66,7 +67,7 @@ class TextContext:
         from t2i_jax.data import sources
 
         tokenizer = sources.prepare_tokenizer(self.builder, vocab_size)
-        if self._primary():
+        if self.primary():
             tokenizer.save(path)
         return tokenizer
 
@@ -102,11 +103,6 @@ class TextSide:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
-
-    def null_text(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The empty caption repeated: int32 tokens and bool mask, [batch_size, max_len]."""
-        tokens, mask = self.tokenizer.empty(self.max_len)
-        return np.repeat(tokens, batch_size, 0), np.repeat(mask, batch_size, 0)
 
 
 # -- the encoders' factories (registry.TEXT_ENCODERS) -----------------------------------------
@@ -154,7 +150,7 @@ def tfidf(text: ml_collections.ConfigDict, ctx: TextContext):
         stats = fit_tfidf(
             tokens, mask, tokenizer.vocab_size, sublinear_tf=text.get("sublinear_tf", False)
         )
-        if ctx._primary():
+        if ctx.primary():
             stats.save(path)
     if stats.vocab_size != tokenizer.vocab_size:
         raise DataError(
@@ -237,7 +233,7 @@ def bert(text: ml_collections.ConfigDict, ctx: TextContext):
                     f"the BERT weights in {folder} differ from those this run started with "
                     f"({digest_path}); use the same text.pretrained or a new workdir"
                 )
-        elif ctx._primary():
+        elif ctx.primary():
             tmp = f"{local}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
