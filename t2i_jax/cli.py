@@ -1,10 +1,11 @@
-"""`t2i` command line: train | sample | eval | metrics | data.
+"""`t2i` command line: train | sample | eval | reconstruct | ablate | metrics | data.
 
   t2i train --config experiments/diffusion_shapes.py:demo --workdir runs/demo \
       [--config.KEY=VALUE ...]
   t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
       [--guidance 3] [--steps 50] [--sampler ddim] --out samples.png
   t2i eval --workdir runs/demo [--num 256] [--seed 0]
+  t2i reconstruct --workdir runs/vae --split validation --num 16 --out recon.png
   t2i metrics fid DIR_A DIR_B [--inception-weights FILE] [--batch-size 50]
   t2i metrics psnr|ssim|ms_ssim A B [--data-range 255]
   t2i metrics lpips A B --backbone-weights FILE [--net alex|vgg|squeeze]
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--truncation", type=float, default=None, help="GAN (stylegan2): truncation psi"
     )
+    sample.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="VAE: scale of the prior's std; VQ-VAE prior: softmax temperature (0: greedy)",
+    )
+    sample.add_argument("--top-k", type=int, default=None, help="VQ-VAE prior: top-k codes")
+    sample.add_argument("--top-p", type=float, default=None, help="VQ-VAE prior: nucleus mass")
     sample.add_argument("--out", required=True, help="output PNG")
 
     evaluate = sub.add_parser(
@@ -91,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=256, help="captions per split")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
+
+    reconstruct = sub.add_parser(
+        "reconstruct", help="originals next to a VAE-family run's reconstructions, PSNR/SSIM"
+    )
+    reconstruct.add_argument("--workdir", required=True)
+    reconstruct.add_argument("--split", default="validation")
+    reconstruct.add_argument("--num", type=int, default=16, help="first N examples")
+    reconstruct.add_argument("--out", required=True, help="output PNG (numbers: same name .json)")
 
     ablate = sub.add_parser(
         "ablate", help="train (and evaluate) every run of a sweep; write one results table"
@@ -198,13 +215,17 @@ def _sample(args) -> int:
             ("sampler", args.sampler),
             ("eta", args.eta),
             ("truncation", args.truncation),
+            ("temperature", args.temperature),
+            ("top_k", args.top_k),
+            ("top_p", args.top_p),
         )
         if v is not None
     }
     accepted = inspect.signature(method.sample).parameters
     for name in options:
         if name not in accepted:
-            raise UserError(f"--{name} does not apply to a {config.method} run")
+            flag = name.replace("_", "-")
+            raise UserError(f"--{flag} does not apply to a {config.method} run")
     images = sample_images(
         make_sampler(method, **options),
         state.ema_params,
@@ -216,6 +237,17 @@ def _sample(args) -> int:
     )
     save_grid(args.out, images, args.prompt)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from t2i_jax.eval.reconstruct import write_reconstructions
+
+    summary = write_reconstructions(args.workdir, split=args.split, num=args.num, out=args.out)
+    print(
+        f"wrote {args.out}: {summary['num']} {summary['split']} pairs, "
+        f"PSNR {summary['psnr_mean']:.2f} dB, SSIM {summary['ssim_mean']:.4f} (means)"
+    )
     return 0
 
 
@@ -344,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "ablate":
             return _ablate(args, overrides)
+        if args.command == "reconstruct":
+            return _reconstruct(args)
         if args.command == "metrics":
             return _metrics(args)
         return _data(args)

@@ -81,10 +81,33 @@ def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t.checkpoint_every = 2000
     t.sample_every = 5000
     t.keep_checkpoints = 3
+    t.eval_every = 0  # validation metrics every N steps, for methods with any (0: off)
+    t.eval_batches = 8  # validation batches per evaluation (file order)
     t.update(overrides)  # The experiment's own defaults; `test` is the same for all.
     if variant == "test":
-        t.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3, sample_every=1000)
+        t.update(
+            steps=6,
+            batch_size=8,
+            log_every=2,
+            checkpoint_every=3,
+            sample_every=1000,
+            eval_batches=2,
+        )
     return t
+
+
+def demo_train(**overrides) -> dict:
+    """`train` values of a 2-core CPU demo (3,000 steps of 32), for `c.train.update`."""
+    return {
+        "steps": 3000,
+        "batch_size": 32,
+        "log_every": 20,
+        "checkpoint_every": 500,
+        "sample_every": 1000,
+        "eval_every": 500,
+        "eval_batches": 8,
+        **overrides,
+    }
 
 
 def samples(variant: str) -> ml_collections.ConfigDict:

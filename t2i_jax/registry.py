@@ -65,6 +65,18 @@ def _gan():
     return GAN
 
 
+def _vae():
+    from t2i_jax.methods.vae import VAE
+
+    return VAE
+
+
+def _vqvae():
+    from t2i_jax.methods.vqvae import VQVAE
+
+    return VQVAE
+
+
 # Data sets: name -> TFDS builder class (array_record, no TensorFlow).
 DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _shapes_builder,
@@ -74,6 +86,8 @@ DATASETS: dict[str, Callable[[], Any]] = {
 METHODS: dict[str, Callable[[], Any]] = {
     "diffusion": _diffusion,
     "gan": _gan,
+    "vae": _vae,
+    "vqvae": _vqvae,
 }
 
 # GAN networks: name -> config -> (generator, discriminator) Flax modules.
@@ -105,7 +119,7 @@ def get(table: dict[str, Callable[[], Any]], name: str, key: str) -> Any:
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:
-    """Fails on an unknown registry name (and a bad `gan` section) before a run creates
+    """Fails on an unknown registry name (and a bad method section) before a run creates
     anything on disk."""
     _checked(METHODS, config.method, "method")
     _checked(DATASETS, config.data.name, "data.name")
@@ -115,6 +129,14 @@ def check_names(config: ml_collections.ConfigDict) -> None:
 
         _checked(GAN_NETWORKS, config.gan.network, "gan.network")
         check_config(config)
+    if config.method == "vae":
+        from t2i_jax.methods.vae import check_config as check_vae
+
+        check_vae(config)
+    if config.method == "vqvae":
+        from t2i_jax.methods.vqvae import check_config as check_vqvae
+
+        check_vqvae(config)
 
 
 def build_text(config: ml_collections.ConfigDict, ctx):

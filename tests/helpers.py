@@ -105,3 +105,38 @@ def tiny_bert_folder(path: str, prefix: str = "", **config_overrides) -> dict[st
     tensors = {prefix + k: rng.normal(size=s).astype(np.float32) for k, s in shapes_.items()}
     save_file(tensors, os.path.join(path, "model.safetensors"))
     return tensors
+
+
+def build_method(experiment: str, data_dir, workdir, **overrides):
+    """(config, builder, method, compiled functions on one device) of an experiment's
+    `test` variant on the test data, with `overrides` {"key": value}."""
+    import jax
+
+    from t2i_jax import config as config_lib
+    from t2i_jax import registry
+    from t2i_jax.data import sources
+    from t2i_jax.text.assets import TextContext
+    from t2i_jax.train import loop, sharding
+
+    config = config_lib.load_config(f"{os.path.join(REPO, experiment)}:test")
+    config.data.dir = str(data_dir)
+    config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
+    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    text = registry.build_text(config, TextContext(str(workdir), builder, config.seed))
+    method = registry.build_method(config, text)
+    fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()[:1]))
+    return config, builder, method, fns
+
+
+def real_batch(config, builder, method, split: str = "train") -> dict:
+    """The first train.batch_size records of `split` as a batch (images in [-1, 1])."""
+    import jax.numpy as jnp
+
+    from t2i_jax.data import sources
+
+    source = builder.as_data_source(split)
+    records = [source[i] for i in range(config.train.batch_size)]
+    images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+    captions = [sources.decode_caption(r["caption"], split) for r in records]
+    tokens, mask = method.text.text.tokenizer.encode(captions, config.text.max_len)
+    return {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}

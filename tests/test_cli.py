@@ -268,3 +268,11 @@ def test_training_with_every_text_encoder(tmp_path, data_dir, encoder):
         sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
                           "--num", "1", "--steps", "2", "--out", out)  # fmt: skip
         assert sampled.returncode == 0, sampled.stderr
+
+
+def test_reconstruct_needs_a_run_with_an_encoder(trained, tmp_path):
+    workdir, _ = trained
+    out = tmp_path / "r.png"
+    result = run_cli("reconstruct", "--workdir", str(workdir), "--num", "2", "--out", str(out))
+    assert result.returncode == 2 and not out.exists()
+    assert "a diffusion run has no encoder" in result.stderr

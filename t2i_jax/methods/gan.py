@@ -117,9 +117,12 @@ class GAN:
         l_real = self._discriminate(d_params, real, t)
         l_fake = self._discriminate(d_params, fake, t)
         fake_term = losses.d_fake_loss(gc.objective, l_fake)
+        mismatch = {}
         if gc.matching_aware:
             l_mis = self._discriminate(d_params, real, jnp.roll(t, 1, axis=0))
             fake_term = 0.5 * (fake_term + losses.d_fake_loss(gc.objective, l_mis))
+            # How far D tells a real image's own caption from another's: its text use.
+            mismatch = {"d_mismatch": jnp.mean(jax.nn.sigmoid(l_mis))}
         adversarial = jnp.mean(losses.d_real_loss(gc.objective, l_real) + fake_term)
 
         d_of_x = lambda x: self._discriminate(d_params, x, t)
@@ -143,6 +146,7 @@ class GAN:
             "d_fake_logit": jnp.mean(l_fake),
             "r1": r1,
             "ma_gp": ma_gp,
+            **mismatch,
         }
         return total, metrics
 
@@ -202,7 +206,7 @@ class GAN:
         k_z, k_noise, k_centre = jax.random.split(rng, 3)
         z = self._z(k_z, t.shape[0])
         if psi == 1.0:
-            return self._generate(g_params, z, t, k_noise, train=False)
+            return jnp.clip(self._generate(g_params, z, t, k_noise, train=False), -1.0, 1.0)
         if not hasattr(self.generator, "mapping"):
             raise UserError(
                 f"truncation needs a generator with a mapping network (stylegan2), not "
@@ -216,4 +220,5 @@ class GAN:
         w_c = self.generator.apply(net, z_c, jnp.tile(t, (draws, 1)), method="mapping")
         centre = jnp.mean(w_c.reshape(draws, batch, -1), axis=0)
         w = centre + psi * (w - centre)
-        return self.generator.apply(net, w, method="synthesis", rngs={"noise": k_noise})
+        images = self.generator.apply(net, w, method="synthesis", rngs={"noise": k_noise})
+        return jnp.clip(images, -1.0, 1.0)  # the generators' RGB output is linear

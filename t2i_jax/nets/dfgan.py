@@ -2,7 +2,8 @@
 
 Generator: z -> Dense -> 4x4 map; per upsampling block, two deep text-image fusion blocks
 (DFBlock: per-channel affine whose scale and shift are MLPs of the condition, then
-LeakyReLU) around 3x3 convs, with a 1x1 shortcut; LeakyReLU, 3x3 conv to RGB, tanh.
+LeakyReLU) around 3x3 convs, with a 1x1 shortcut; LeakyReLU, 3x3 conv to RGB, linear (no
+tanh, unlike DF-GAN: see the generator).
 The condition is [z, sentence vector], as in DF-GAN.
 
 Discriminator: 3x3 conv, then residual downsampling blocks (4x4 stride-2 conv and 3x3 conv
@@ -85,7 +86,7 @@ class GBlock(nn.Module):
 
 
 class DFGenerator(nn.Module):
-    """z [B, z_dim], text [B, D] -> images [B, S, S, 3] in [-1, 1]."""
+    """z [B, z_dim], text [B, D] -> images [B, S, S, 3] (unbounded; data is in [-1, 1])."""
 
     image_size: int = 32
     channels: int = 32  # the width at the output resolution; x2 per level up to `mults`
@@ -106,7 +107,10 @@ class DFGenerator(nn.Module):
         for i, width in enumerate(widths[1:]):
             x = GBlock(width, self.cond_hidden, self.dtype, name=f"block{i}")(x, cond)
         x = nn.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(nn.leaky_relu(x, 0.2))
-        return jnp.tanh(x.astype(jnp.float32))
+        # Linear output (StyleGAN2's choice, not DF-GAN's tanh): flat saturated colours ask
+        # tanh for unbounded pre-activations, its gradient vanishes and G stops learning
+        # within a few hundred steps. D keeps fakes in range; sampling clips to [-1, 1].
+        return x.astype(jnp.float32)
 
 
 class DBlock(nn.Module):

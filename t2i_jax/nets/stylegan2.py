@@ -90,7 +90,7 @@ class StyleLayer(nn.Module):
 
 
 class StyleGenerator(nn.Module):
-    """z [B, z_dim], text [B, D] -> images [B, S, S, 3] in [-1, 1].
+    """z [B, z_dim], text [B, D] -> images [B, S, S, 3] (linear RGB; data is in [-1, 1]).
 
     `mapping(z, text) -> w` and `synthesis(w) -> images` are separate methods, so the
     method can truncate w. Per-layer noise comes from the 'noise' rng (in training and
@@ -149,7 +149,7 @@ class StyleGenerator(nn.Module):
                 rgb = upsample_nearest(rgb)
                 y = y + rgb
             rgb = y
-        return jnp.tanh(rgb.astype(jnp.float32))
+        return rgb.astype(jnp.float32)  # linear, as StyleGAN2: see dfgan.py on tanh
 
     def __call__(self, z: jax.Array, text: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # No dropout or batch statistics.

@@ -36,6 +36,7 @@ from t2i_jax.text.assets import TextContext, TextSide
 from t2i_jax.train import sharding
 from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.logging import MetricWriter
+from t2i_jax.train.validation import make_validator
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,15 @@ def train_and_evaluate(
     step = int(sharding.to_host(state.step))
     total = config.train.steps
 
+    validate = make_validator(
+        method,
+        config,
+        builder,
+        tokenizer,
+        batch_sharding=fns.batch_sharding,
+        features=lambda: _text_feature_cache(config, builder, text, "validation"),
+    )
+    eval_every = config.train.get("eval_every", 0)
     sampler = make_sampler(method)  # Compiled once, reused for every grid.
     curves = getattr(method, "curves", ("loss",))  # The metrics a method plots and shows.
 
@@ -231,14 +241,21 @@ def train_and_evaluate(
             state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
             step += 1
             progress.update(1)
+            row, tb_only = {}, {}
             if step % config.train.log_every == 0 or step == total:
-                last_metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+                row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
                 now = time.perf_counter()
-                rate = (step - tick_step) / max(now - tick, 1e-9)
+                tb_only["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
-                writer.write(step, last_metrics, tb_only={"steps_per_sec": rate})
-                shown = {k: f"{last_metrics[k]:.4f}" for k in curves if k in last_metrics}
-                progress.set_postfix(**shown, steps_per_s=f"{rate:.2f}")
+            if validate is not None and (step % eval_every == 0 or step == total):
+                row.update(validate(state.ema_params))
+            if row:
+                last_metrics = row
+                writer.write(step, row, tb_only=tb_only)
+                shown = {k: f"{row[k]:.4f}" for k in curves if k in row}
+                if tb_only:
+                    shown["steps_per_s"] = f"{tb_only['steps_per_sec']:.2f}"
+                progress.set_postfix(**shown)
             if step % config.train.checkpoint_every == 0 or step == total or stop.requested:
                 checkpointer.save(step, state, data_iter)
             if step % config.train.sample_every == 0 and step != total:

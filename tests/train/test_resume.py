@@ -20,10 +20,13 @@ def params_of(workdir):
     return jax.device_get(load_run(str(workdir))[3])
 
 
-@pytest.mark.parametrize("experiment", ["diffusion_shapes.py", "gan_shapes.py"])
+@pytest.mark.parametrize(
+    "experiment", ["diffusion_shapes.py", "gan_shapes.py", "vae_shapes.py", "vqvae_shapes.py"]
+)
 def test_resume_is_bitwise_equal(experiment, data_dir, tmp_path):
-    """Both families' states: diffusion's one optimizer, and the GAN's two players, two
-    optimizer states and the generator's EMA."""
+    """Every family's state: diffusion's one optimizer; the GAN's two players, two
+    optimizer states and G's EMA; the VAE's and the VQ-VAE's (with its EMA codebook), whose
+    logs also hold validation numbers, which must match after a resume too."""
     test_config = config_lib.load_config(os.path.join(REPO, "experiments", f"{experiment}:test"))
     test_config.data.dir = data_dir
     n = 3

@@ -1,0 +1,101 @@
+"""Convolutional encoder and decoder for the VAE family (VAE, VQ-VAE, latent diffusion).
+
+Encoder: conv -> per level `num_res_blocks` ResBlocks, then a stride-2 conv (except at the
+last level) -> a middle ResBlock -> GN, SiLU, conv to `out_channels`. With
+len(channel_mults) = n levels, a S x S image becomes an S / 2^(n-1) latent grid.
+Decoder: the mirror image, nearest-neighbour upsampling + conv.
+
+An optional condition vector `cond` [B, D] (the pooled text for a conditional VAE) enters
+every ResBlock through its embedding projection, as the timestep does in the UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t2i_jax.nets.layers import Downsample, ResBlock, Upsample, group_norm
+
+
+def _condition(cond: jax.Array | None, batch: int, dtype) -> jax.Array:
+    # ResBlock adds Dense(silu(emb)); an unconditional net gives it one zero feature, so
+    # only the (learned) bias remains: the same block, no separate code path.
+    return jnp.zeros((batch, 1), dtype) if cond is None else cond.astype(dtype)
+
+
+class Encoder(nn.Module):
+    """images [B, S, S, C] (and cond [B, D]) -> features [B, s, s, out_channels]."""
+
+    channels: int = 32
+    channel_mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 1
+    out_channels: int = 8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        emb = _condition(cond, x.shape[0], self.dtype)
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        for level, mult in enumerate(self.channel_mults):
+            width = self.channels * mult
+            for i in range(self.num_res_blocks):
+                h = ResBlock(width, dtype=self.dtype, name=f"down{level}_res{i}")(
+                    h, emb, train=False
+                )
+            if level < len(self.channel_mults) - 1:
+                h = Downsample(width, self.dtype, name=f"down{level}_resample")(h)
+        h = ResBlock(h.shape[-1], dtype=self.dtype, name="mid")(h, emb, train=False)
+        h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+class Decoder(nn.Module):
+    """latents [B, s, s, c] (and cond [B, D]) -> [B, S, S, out_channels]."""
+
+    channels: int = 32
+    channel_mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 1
+    out_channels: int = 3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        emb = _condition(cond, z.shape[0], self.dtype)
+        top = self.channels * self.channel_mults[-1]
+        h = nn.Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+        h = ResBlock(top, dtype=self.dtype, name="mid")(h, emb, train=False)
+        for level in reversed(range(len(self.channel_mults))):
+            width = self.channels * self.channel_mults[level]
+            for i in range(self.num_res_blocks):
+                h = ResBlock(width, dtype=self.dtype, name=f"up{level}_res{i}")(h, emb, train=False)
+            if level > 0:
+                h = Upsample(width, self.dtype, name=f"up{level}_resample")(h)
+        h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+class LatentPrior(nn.Module):
+    """A learned conditional prior p(z | text): pooled text [B, D] -> (mean, logvar), each
+    [B, *latent_shape]. The last layer starts at zero, so training starts from N(0, I)."""
+
+    latent_shape: Sequence[int]
+    hidden: int = 256
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+        size = 1
+        for d in self.latent_shape:
+            size *= d
+        h = nn.silu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(text))
+        out = nn.Dense(2 * size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out")(
+            h
+        ).astype(jnp.float32)
+        mean, logvar = jnp.split(out, 2, axis=-1)
+        shape = (text.shape[0], *self.latent_shape)
+        return mean.reshape(shape), logvar.reshape(shape)

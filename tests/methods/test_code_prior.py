@@ -1,0 +1,107 @@
+"""The autoregressive code prior: causality, the key/value cache, and its sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t2i_jax.methods.code_sampling import (
+    SamplingOptions,
+    filter_logits,
+    sample_codes,
+    sample_codes_uncached,
+)
+from t2i_jax.nets.code_prior import CodePrior, init_cache
+
+K, N, B, L, D = 12, 10, 3, 5, 8
+
+
+@pytest.fixture(scope="module")
+def prior():
+    model = CodePrior(num_codes=K, seq_len=N, width=16, depth=2, num_heads=2)
+    rng = np.random.default_rng(0)
+    text = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    null = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+    null_mask = jnp.asarray([[1, 0, 0, 0, 0]] * B, bool)
+    tokens = jnp.asarray(rng.integers(0, K, size=(B, N)), jnp.int32)
+    params = model.init(jax.random.key(0), tokens, text, mask)["params"]
+    # Scale the logits up so the test distributions are far from uniform.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 8 if "logits" in jax.tree_util.keystr(p) else x, params
+    )
+    return model, params, text, mask, null, null_mask, tokens
+
+
+def test_logits_are_causal(prior):
+    model, params, text, mask, *_, tokens = prior
+    a = model.apply({"params": params}, tokens, text, mask)
+    changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % K)
+    b = model.apply({"params": params}, changed, text, mask)
+    np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
+    assert not np.allclose(np.asarray(a[:, 6:]), np.asarray(b[:, 6:]))
+
+
+def test_cached_decoding_equals_the_full_pass(prior):
+    model, params, text, mask, *_, tokens = prior
+    full = model.apply({"params": params}, tokens, text, mask)
+    cache = init_cache(model, B, text, mask)
+    steps = []
+    for i in range(N):
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache},
+            tokens[:, i : i + 1],
+            text,
+            mask,
+            positions=jnp.asarray([i]),
+            decode=True,
+            mutable=["cache"],
+        )
+        cache = mutated["cache"]
+        steps.append(logits[:, 0])
+    np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplingOptions(),
+        SamplingOptions(temperature=0.7, top_k=4),
+        SamplingOptions(temperature=1.3, top_p=0.8, guidance=3.0),
+        SamplingOptions(temperature=0.0, guidance=2.0),
+    ],
+)
+def test_cached_sampling_equals_uncached_sampling(prior, options):
+    model, params, text, mask, null, null_mask, _ = prior
+    args = (model, params, text, mask, null, null_mask, jax.random.key(3), options)
+    cached = jax.jit(sample_codes, static_argnums=(0, 7))(*args)
+    uncached = jax.jit(sample_codes_uncached, static_argnums=(0, 7))(*args)
+    assert cached.shape == (B, N) and cached.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+    again = jax.jit(sample_codes, static_argnums=(0, 7))(*args)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(again))
+    if options.temperature > 0:
+        other = sample_codes(*args[:6], jax.random.key(4), options)
+        assert not np.array_equal(np.asarray(cached), np.asarray(other))
+
+
+def test_top_k_and_top_p_keep_the_right_codes():
+    logits = jnp.log(jnp.asarray([[0.5, 0.05, 0.3, 0.1, 0.05]]))
+    top2 = filter_logits(logits, top_k=2, top_p=1.0)
+    assert np.isfinite(np.asarray(top2)).tolist() == [[True, False, True, False, False]]
+    # Nucleus 0.85: 0.5 + 0.3 = 0.8 < 0.85, so 0.1 joins; the two 0.05s stay out.
+    nucleus = filter_logits(logits, top_k=0, top_p=0.85)
+    assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, False, True, True, False]]
+    # A tiny nucleus still keeps the most likely code.
+    assert np.isfinite(np.asarray(filter_logits(logits, top_k=0, top_p=1e-6))).sum() == 1
+
+
+def test_top_k_samples_only_from_the_top_k():
+    logits = jnp.log(jnp.asarray([0.4, 0.3, 0.2, 0.1]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draws = jax.vmap(
+        lambda k: jax.random.categorical(k, filter_logits(logits, top_k=2, top_p=1.0))
+    )(keys)
+    counts = np.bincount(np.asarray(draws), minlength=4)
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 2000 - 4 / 7) < 0.04  # renormalised 0.4 / 0.7

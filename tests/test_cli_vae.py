@@ -1,0 +1,74 @@
+"""The VAE family through the real `t2i` entry point: train, sample, reconstruct."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_cli, train_args
+from PIL import Image
+
+
+def test_vae_run_trains_samples_and_reconstructs(tmp_path, data_dir):
+    workdir = tmp_path / "vae"
+    args = train_args(workdir, data_dir, "--config.train.steps=3")
+    args[2] = args[2].replace("diffusion_shapes.py", "vae_shapes.py")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]  # step 3: train metrics and validation (eval_every=3) in one row
+    assert last["step"] == 3
+    assert {"recon", "kl", "nelbo", "bits_per_dim", "kl_weight"} <= set(last)
+    assert {"val_bits_per_dim", "val_nelbo", "val_active_units"} <= set(last)
+    assert 0 < last["val_bits_per_dim"] < 16
+    report = (workdir / "report.md").read_text()
+    assert "val_bits_per_dim.png" in report
+
+    out = tmp_path / "vae.png"
+    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--num", "2", "--temperature", "0.5", "--out", str(out))  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(out).size[0] > 0
+
+    recon = tmp_path / "recon.png"
+    made = run_cli("reconstruct", "--workdir", str(workdir), "--split", "validation",
+                   "--num", "5", "--out", str(recon))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    summary = json.loads((tmp_path / "recon.json").read_text())
+    assert len(summary["psnr"]) == len(summary["ssim"]) == len(summary["captions"]) == 5
+    assert summary["psnr_mean"] == pytest.approx(np.mean(summary["psnr"]), rel=1e-12)
+    assert f"PSNR {summary['psnr_mean']:.2f} dB" in made.stdout
+    grid = np.asarray(Image.open(recon))
+    assert grid.shape[1] > 2 * 32 * 4 * 4  # four pairs of two 4x-scaled images per row
+
+    bad = run_cli("reconstruct", "--workdir", str(workdir), "--split", "tarin", "--num", "2",
+                  "--out", str(recon))  # fmt: skip
+    assert bad.returncode == 2 and "unknown split 'tarin'" in bad.stderr
+    refused = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--guidance", "3", "--out", str(out))  # fmt: skip
+    assert refused.returncode == 2 and "--guidance does not apply to a vae run" in refused.stderr
+
+
+def test_vqvae_run_trains_samples_with_its_prior_and_reconstructs(tmp_path, data_dir):
+    workdir = tmp_path / "vqvae"
+    args = train_args(workdir, data_dir, "--config.train.steps=3")
+    args[2] = args[2].replace("diffusion_shapes.py", "vqvae_shapes.py")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"recon", "commitment", "prior_loss", "perplexity", "codes_used"} <= set(last)
+    assert {"val_recon", "val_prior_loss", "val_perplexity", "val_codes_used"} <= set(last)
+    out = tmp_path / "vq.png"
+    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--num", "2", "--temperature", "0.8", "--top-k", "4", "--top-p", "0.9",
+                      "--guidance", "2", "--out", str(out))  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(out).size[0] > 0
+    recon = tmp_path / "recon.png"
+    made = run_cli("reconstruct", "--workdir", str(workdir), "--num", "3", "--out", str(recon))
+    assert made.returncode == 0, made.stderr
+    assert len(json.loads((tmp_path / "recon.json").read_text())["psnr"]) == 3
+    refused = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
+                      "--truncation", "0.5", "--out", str(out))  # fmt: skip
+    assert (
+        refused.returncode == 2 and "--truncation does not apply to a vqvae run" in refused.stderr
+    )
