@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae.latent_channels = 4
     c.vae.likelihood = "logistic"  # logistic (bits/dim) | gaussian (fixed sigma, nats)
     c.vae.gaussian_sigma = 0.1
+    c.vae.conditional = True  # encoder and decoder read the caption (False: for LDM)
     c.vae.prior = "learned"  # learned p(z | text) | standard N(0, I)
     c.vae.prior_hidden = 256
     c.vae.beta = 1.0

@@ -71,6 +71,12 @@ def _vae():
     return VAE
 
 
+def _ldm():
+    from t2i_jax.methods.latent_diffusion import LatentDiffusion
+
+    return LatentDiffusion
+
+
 def _vqvae():
     from t2i_jax.methods.vqvae import VQVAE
 
@@ -88,6 +94,7 @@ METHODS: dict[str, Callable[[], Any]] = {
     "gan": _gan,
     "vae": _vae,
     "vqvae": _vqvae,
+    "ldm": _ldm,
 }
 
 # GAN networks: name -> config -> (generator, discriminator) Flax modules.
@@ -137,6 +144,10 @@ def check_names(config: ml_collections.ConfigDict) -> None:
         from t2i_jax.methods.vqvae import check_config as check_vqvae
 
         check_vqvae(config)
+    if config.method == "ldm":
+        from t2i_jax.methods.latent_diffusion import check_config as check_ldm
+
+        check_ldm(config)
 
 
 def build_text(config: ml_collections.ConfigDict, ctx):

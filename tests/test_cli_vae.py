@@ -72,3 +72,42 @@ def test_vqvae_run_trains_samples_with_its_prior_and_reconstructs(tmp_path, data
     assert (
         refused.returncode == 2 and "--truncation does not apply to a vqvae run" in refused.stderr
     )
+
+
+def test_latent_diffusion_loads_its_frozen_vae_and_needs_it(tmp_path, data_dir):
+    import jax
+
+    from t2i_jax.eval.sample import load_run
+
+    vae = tmp_path / "vae"
+    args = train_args(vae, data_dir, "--config.train.steps=2", "--config.vae.conditional=False",
+                      "--config.vae.prior=standard")  # fmt: skip
+    args[2] = args[2].replace("diffusion_shapes.py", "vae_shapes.py")
+    assert run_cli(*args).returncode == 0
+
+    ldm = tmp_path / "ldm"
+    ldm_args = train_args(ldm, data_dir, "--config.train.steps=2")
+    ldm_args[2] = ldm_args[2].replace("diffusion_shapes.py", "ldm_shapes.py")
+    missing = run_cli(*ldm_args, f"--config.ldm.autoencoder={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and not ldm.exists()
+    assert missing.stderr.strip().splitlines() == [
+        f"t2i: error: ldm.autoencoder: no VAE run at {tmp_path / 'nowhere'} (no config.json); "
+        "train one first (see experiments/ldm_shapes.py)"
+    ]
+
+    result = run_cli(*ldm_args, f"--config.ldm.autoencoder={vae}")
+    assert result.returncode == 0, result.stderr
+    frozen = jax.device_get(load_run(str(ldm))[3].params["model"]["autoencoder"])
+    trained = jax.device_get(load_run(str(vae))[3].ema_params["model"])
+    for part in ("encoder", "decoder"):  # stored in the LDM run and unchanged by training
+        for a, b in zip(jax.tree.leaves(frozen[part]), jax.tree.leaves(trained[part]), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    out = tmp_path / "ldm.png"
+    sampled = run_cli("sample", "--workdir", str(ldm), "--prompt", "a red circle", "--num", "2",
+                      "--steps", "3", "--guidance", "2", "--out", str(out))  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(out).size[0] > 0
+    recon = run_cli("reconstruct", "--workdir", str(ldm), "--num", "2", "--out",
+                    str(tmp_path / "r.png"))  # fmt: skip
+    assert recon.returncode == 0, recon.stderr

@@ -30,14 +30,26 @@ class Diffusion:
         self.dc = config.diffusion
         self.text = TextConditioner(text)
         self.text_encoder = text.encoder
-        self.unet = UNet(**config.model.to_dict())
+        self.unet = UNet(**self.unet_fields())
         self.optimizer = make_optimizer(
-            config.optim, config.train.steps, frozen=self.text.frozen_patterns
+            config.optim,
+            config.train.steps,
+            frozen=[*self.text.frozen_patterns, *self.frozen_patterns()],
         )
+        size = config.data.image_size
+        self.sample_shape: tuple[int, ...] = (size, size, 3)  # what the UNet denoises
         self.alpha_bar = jnp.asarray(
             schedules.alphas_cumprod(self.dc.schedule, self.dc.timesteps), jnp.float32
         )
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, self.dc.prediction)  # validate
+
+    def unet_fields(self) -> dict:
+        """The UNet's fields: `config.model` (its output has the image's 3 channels)."""
+        return self.config.model.to_dict()
+
+    def frozen_patterns(self) -> list[str]:
+        """Parameter paths the optimizer keeps fixed besides a frozen text encoder's."""
+        return []
 
     # -- networks ------------------------------------------------------------------
     def _encode(self, params, tokens, mask) -> TextFeatures:
@@ -57,7 +69,8 @@ class Diffusion:
         )
 
     # -- Method protocol -----------------------------------------------------------
-    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+    def init_model(self, rng: jax.Array, batch: dict) -> dict:
+        """The "model" params; `batch["image"]` is what the UNet denoises (shapes only)."""
         k_text, k_unet = jax.random.split(rng)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
         text_params = self.text.init(k_text, tokens, mask)
@@ -66,7 +79,10 @@ class Diffusion:
         unet_params = self.unet.init(
             k_unet, image, t, feats.seq, feats.mask, feats.pooled, train=False
         )["params"]
-        params = {"model": {"text_encoder": text_params, "unet": unet_params}}
+        return {"text_encoder": text_params, "unet": unet_params}
+
+    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+        params = {"model": self.init_model(rng, batch)}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -144,9 +160,8 @@ class Diffusion:
                 out = self._denoise(model, x_t, t, feats)
             return schedules.to_x0_eps(out, x_t, ab, dc.prediction)
 
-        size = self.config.data.image_size
         k_init, k_loop = jax.random.split(rng)
-        x_T = jax.random.normal(k_init, (batch, size, size, 3), jnp.float32)
+        x_T = jax.random.normal(k_init, (batch, *self.sample_shape), jnp.float32)
         timesteps = samplers.sampling_timesteps(dc.timesteps, steps)
         x0 = samplers.sample_loop(
             denoise,
@@ -158,4 +173,9 @@ class Diffusion:
             eta=eta,
             clip_denoised=dc.clip_denoised,
         )
+        return self.finish(model, x0)
+
+    def finish(self, model, x0: jax.Array) -> jax.Array:
+        """The sampler's x0 -> images in [-1, 1] (for pixels: clipped)."""
+        del model
         return jnp.clip(x0, -1.0, 1.0)

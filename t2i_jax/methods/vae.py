@@ -5,7 +5,8 @@
 Networks ("model"): the text encoder, a conv encoder q(z | x, t) giving a diagonal Gaussian
 over a spatial latent (S/2^(n-1) squared x `latent_channels`), a conv decoder p(x | z, t),
 and, with `vae.prior = "learned"`, a prior p(z | t) from the pooled text (else N(0, I)).
-All three read the caption's pooled vector.
+All three read the caption's pooled vector; with `vae.conditional=False` none does (an
+autoencoder for latent diffusion) and the prior is N(0, I).
 
 Likelihoods (`vae_losses`): "logistic" is the discretised logistic with a per-pixel scale
 (a probability, so the negative ELBO converts to bits/dim); "gaussian" has a fixed sigma
@@ -51,6 +52,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"data.image_size={config.data.image_size} is not divisible by {downsample} "
             f"({len(vc.channel_mults)} levels in vae.channel_mults)"
         )
+    if not vc.conditional and vc.prior != "standard":
+        raise ConfigError(
+            "vae.conditional=False needs vae.prior=standard (a learned prior reads the text)"
+        )
     if vc.gaussian_sigma <= 0:
         raise ConfigError(f"vae.gaussian_sigma must be positive, got {vc.gaussian_sigma}")
 
@@ -84,7 +89,10 @@ class VAE:
         )
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, model, batch) -> jax.Array:
+    def _text_vector(self, model, batch) -> jax.Array | None:
+        """The caption's pooled vector; None for an unconditional VAE (vae.conditional)."""
+        if not self.vc.conditional:
+            return None
         return self.text.features(model["text_encoder"], batch).pooled
 
     def posterior(self, model, image, t) -> tuple[jax.Array, jax.Array]:
@@ -92,9 +100,9 @@ class VAE:
         h = self.encoder.apply({"params": model["encoder"]}, image, t)
         return jnp.split(h, 2, axis=-1)
 
-    def prior_params(self, model, t) -> tuple[jax.Array, jax.Array]:
+    def prior_params(self, model, t, batch_size: int) -> tuple[jax.Array, jax.Array]:
         if self.vc.prior == "standard":
-            zeros = jnp.zeros((t.shape[0], *self.latent_shape), jnp.float32)
+            zeros = jnp.zeros((batch_size, *self.latent_shape), jnp.float32)
             return zeros, zeros
         return self.prior.apply({"params": model["prior"]}, t)
 
@@ -117,14 +125,13 @@ class VAE:
     def init(self, rng: jax.Array, batch: dict) -> TrainState:
         k_text, k_enc, k_dec, k_prior = jax.random.split(rng, 4)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        text_params = self.text.init(k_text, tokens, mask)
-        t = self.text.encode(text_params, tokens, mask).pooled
+        model, t = {}, None
+        if self.vc.conditional:
+            model["text_encoder"] = self.text.init(k_text, tokens, mask)
+            t = self.text.encode(model["text_encoder"], tokens, mask).pooled
         z = jnp.zeros((image.shape[0], *self.latent_shape), jnp.float32)
-        model = {
-            "text_encoder": text_params,
-            "encoder": self.encoder.init(k_enc, image, t)["params"],
-            "decoder": self.decoder.init(k_dec, z, t)["params"],
-        }
+        model["encoder"] = self.encoder.init(k_enc, image, t)["params"]
+        model["decoder"] = self.decoder.init(k_dec, z, t)["params"]
         if self.vc.prior == "learned":
             model["prior"] = self.prior.init(k_prior, t)["params"]
         return TrainState(
@@ -142,7 +149,7 @@ class VAE:
         mean_q, logvar_q = self.posterior(model, image, t)
         z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(rng, mean_q.shape)
         mean_x, log_scale = self.decode(model, z, t)
-        mean_p, logvar_p = self.prior_params(model, t)
+        mean_p, logvar_p = self.prior_params(model, t, image.shape[0])
         kl = losses.gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
         recon = -self.log_likelihood(image, mean_x, log_scale)
         return {"recon": recon, "kl": kl, "posterior_mean": mean_q}
@@ -189,8 +196,10 @@ class VAE:
         mean (the logistic's location), clipped to [-1, 1]."""
         temperature = self.vc.sample_temperature if temperature is None else temperature
         model = params["model"]
-        t = self.text.encode(model["text_encoder"], text["tokens"], text["mask"]).pooled
-        mean_p, logvar_p = self.prior_params(model, t)
+        t = None  # an unconditional VAE ignores the captions
+        if self.vc.conditional:
+            t = self.text.encode(model["text_encoder"], text["tokens"], text["mask"]).pooled
+        mean_p, logvar_p = self.prior_params(model, t, text["tokens"].shape[0])
         z = mean_p + temperature * jnp.exp(0.5 * logvar_p) * jax.random.normal(rng, mean_p.shape)
         return jnp.clip(self.decode(model, z, t)[0], -1.0, 1.0)
 
