@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
+# Test processes (pytest-xdist): most test time is XLA compiling, which is single-threaded,
+# so two workers keep two cores busy. Test files stay whole on one worker (module fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench clean-demo
 
@@ -24,7 +27,7 @@ demo: $(VENV)/.installed-base
 	@echo "Report: $(WORKDIR)/report.md"
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check t2i_jax tests experiments benchmarks

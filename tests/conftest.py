@@ -11,7 +11,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 # Many tests train the same small configs (a run, then its resumption, then the CLI's own
 # process): XLA's persistent compilation cache compiles each program once per session. The
-# CLI subprocesses inherit the variable. Results are the same with or without it.
+# CLI subprocesses and pytest-xdist workers (started after this runs) inherit the variable,
+# so they share one cache. Results are the same with or without it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="t2i-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
