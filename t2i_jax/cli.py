@@ -246,7 +246,7 @@ def _reconstruct(args) -> int:
     summary = write_reconstructions(args.workdir, split=args.split, num=args.num, out=args.out)
     print(
         f"wrote {args.out}: {summary['num']} {summary['split']} pairs, "
-        f"PSNR {summary['psnr_mean']:.2f} dB, SSIM {summary['ssim_mean']:.4f} (means)"
+        f"PSNR {float(summary['psnr_mean']):.2f} dB, SSIM {summary['ssim_mean']:.4f} (means)"
     )
     return 0
 

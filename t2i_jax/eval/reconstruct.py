@@ -88,6 +88,11 @@ def pairs_grid(result: dict, *, per_row: int = 4, scale: int = 4, pad: int = 6) 
     return canvas
 
 
+def _finite_or_str(value: float) -> float | str:
+    """JSON has no inf (PSNR of a pixel-exact reconstruction): written as "inf"."""
+    return value if math.isfinite(value) else str(value)
+
+
 def write_reconstructions(workdir: str, *, split: str, num: int, out: str) -> dict:
     """Writes the grid to `out` and the per-pair numbers to `out` with .json; returns means."""
     result = reconstruct_split(workdir, split=split, num=num)
@@ -99,10 +104,9 @@ def write_reconstructions(workdir: str, *, split: str, num: int, out: str) -> di
         "workdir": workdir,
         "split": split,
         "num": num,
-        "psnr_mean": float(np.mean(result["psnr"], dtype=np.float64)),
+        "psnr_mean": _finite_or_str(float(np.mean(result["psnr"], dtype=np.float64))),
         "ssim_mean": float(np.mean(result["ssim"], dtype=np.float64)),
-        # JSON has no inf (a pixel-exact reconstruction): written as the string "inf".
-        "psnr": [float(v) if math.isfinite(v) else str(float(v)) for v in result["psnr"]],
+        "psnr": [_finite_or_str(float(v)) for v in result["psnr"]],
         "ssim": [float(v) for v in result["ssim"]],
         "captions": result["captions"],
     }

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from t2i_jax.errors import UserError
 from t2i_jax.nets.code_prior import CodePrior, init_cache
 
 
@@ -38,10 +39,20 @@ def filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
         ordered = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the codes ranked above
-        keep = before < top_p  # always keeps the most likely code
+        keep = (before < top_p).at[..., 0].set(True)  # the most likely code always stays
         cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
+
+
+def check_options(options: SamplingOptions, num_codes: int) -> None:
+    """One-line errors for options that would sample nonsense (or fail while tracing)."""
+    if options.temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {options.temperature}")
+    if not 0 <= options.top_k <= num_codes:
+        raise UserError(f"top_k must be in [0, {num_codes}] (0: off), got {options.top_k}")
+    if not 0 < options.top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1: off), got {options.top_p}")
 
 
 def _draw(key: jax.Array, logits: jax.Array, options: SamplingOptions) -> jax.Array:

@@ -2,9 +2,10 @@
 
 `ldm.autoencoder` names the workdir of a finished `vae` run with `vae.conditional=False`
 (text enters through the UNet only, as in Stable Diffusion). Its latest checkpoint's EMA
-encoder and decoder are loaded once, stored in this run's params under "autoencoder" and
-frozen by the optimizer mask, so checkpoints hold everything sampling needs; the VAE run's
-directory is read when the method is built (its config gives the networks' shapes).
+encoder and decoder are stored in this run's params under "autoencoder" when the run
+starts, frozen by the optimizer mask. The VAE run's directory is still read whenever the
+method is built (train, resume, sample, eval: its config.json gives the networks' shapes,
+and it is checked before anything is written), so it must stay where the config says.
 
 Everything else is `Diffusion`: the same UNet, schedules, v/eps targets, caption dropout,
 samplers and guidance, denoising latents z = latent_scale * E[q(z | x)] of shape
@@ -23,16 +24,21 @@ import ml_collections
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods.diffusion import Diffusion
 from t2i_jax.text.assets import TextSide
+from t2i_jax.train import sharding
 
 AUTOENCODER_PATTERN = "autoencoder/.*"
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Before a run creates anything: the autoencoder run exists and has a checkpoint."""
+    """Before a run creates anything: the autoencoder run exists, has a checkpoint, and is a
+    text-free VAE of this run's image size."""
+    from t2i_jax import config as config_lib
+
     workdir = config.ldm.autoencoder
     if not workdir:
         raise ConfigError("ldm.autoencoder must name the workdir of a trained VAE run")
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
         raise ConfigError(
             f"ldm.autoencoder: no VAE run at {workdir} (no config.json); train one first "
             "(see experiments/ldm_shapes.py)"
@@ -40,28 +46,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
         raise ConfigError(f"ldm.autoencoder: no checkpoint in {checkpoints}")
-    if config.diffusion.clip_denoised:
-        raise ConfigError("diffusion.clip_denoised must be False: latents are not in [-1, 1]")
-
-
-def load_autoencoder(workdir: str):
-    """(config, VAE method, EMA params {"encoder", "decoder"}) of a finished VAE run."""
-    from t2i_jax.eval.sample import load_run
-
-    try:
-        config, _, method, state = load_run(workdir)
-    except UserError as e:
-        raise UserError(f"ldm.autoencoder: {e}") from None
-    if config.method != "vae":
-        raise ConfigError(f"ldm.autoencoder {workdir} is a {config.method} run, not a vae run")
-    if config.vae.get("conditional", True):
+    with open(path) as f:
+        vae = config_lib.from_json(f.read())
+    if vae.method != "vae":
+        raise ConfigError(f"ldm.autoencoder {workdir} is a {vae.method} run, not a vae run")
+    if vae.vae.conditional:
         raise ConfigError(
             f"ldm.autoencoder {workdir} reads captions (vae.conditional=True); latent "
             "diffusion needs a text-free autoencoder: train it with --config.vae.conditional"
             "=False --config.vae.prior=standard"
         )
-    model = state.ema_params["model"]
-    return config, method, {"encoder": model["encoder"], "decoder": model["decoder"]}
+    if vae.data.image_size != config.data.image_size:
+        raise ConfigError(
+            f"ldm.autoencoder was trained on {vae.data.image_size}px images, this run has "
+            f"data.image_size={config.data.image_size}"
+        )
+    if config.diffusion.clip_denoised:
+        raise ConfigError("diffusion.clip_denoised must be False: latents are not in [-1, 1]")
+    if not config.ldm.latent_scale > 0:
+        raise ConfigError(f"ldm.latent_scale must be positive, got {config.ldm.latent_scale}")
+
+
+def load_autoencoder(workdir: str):
+    """(VAE method, EMA params {"encoder", "decoder"} on the host) of a finished VAE run."""
+    from t2i_jax.eval.sample import load_run
+
+    try:
+        _, _, method, state = load_run(workdir)
+    except UserError as e:
+        raise UserError(f"ldm.autoencoder: {e}") from None
+    model = sharding.to_host(state.ema_params["model"])  # also across processes
+    return method, {"encoder": model["encoder"], "decoder": model["decoder"]}
 
 
 class LatentDiffusion(Diffusion):
@@ -69,14 +84,8 @@ class LatentDiffusion(Diffusion):
 
     def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
         check_config(config)
-        vae_config, self.vae, vae_params = load_autoencoder(config.ldm.autoencoder)
-        if vae_config.data.image_size != config.data.image_size:
-            raise ConfigError(
-                f"ldm.autoencoder was trained on {vae_config.data.image_size}px images, "
-                f"this run has data.image_size={config.data.image_size}"
-            )
         # Host copies: `init` places them with the rest of the state.
-        self.vae_params = jax.device_get(vae_params)
+        self.vae, self.vae_params = load_autoencoder(config.ldm.autoencoder)
         self.scale = config.ldm.latent_scale
         super().__init__(config, text)
         self.sample_shape = tuple(self.vae.latent_shape)

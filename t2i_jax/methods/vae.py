@@ -84,16 +84,16 @@ class VAE:
         out = 6 if vc.likelihood == "logistic" else 3  # (mean, log-scale) or the mean
         self.decoder = Decoder(**net, out_channels=out)
         self.prior = LatentPrior(self.latent_shape, vc.prior_hidden)
-        self.optimizer = make_optimizer(
-            config.optim, config.train.steps, frozen=self.text.frozen_patterns
-        )
+        # An unconditional VAE has no text encoder params to freeze.
+        frozen = self.text.frozen_patterns if vc.conditional else []
+        self.optimizer = make_optimizer(config.optim, config.train.steps, frozen=frozen)
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, model, batch) -> jax.Array | None:
+    def _text_vector(self, model, batch, *, train=False, rng=None) -> jax.Array | None:
         """The caption's pooled vector; None for an unconditional VAE (vae.conditional)."""
         if not self.vc.conditional:
             return None
-        return self.text.features(model["text_encoder"], batch).pooled
+        return self.text.features(model["text_encoder"], batch, train=train, rng=rng).pooled
 
     def posterior(self, model, image, t) -> tuple[jax.Array, jax.Array]:
         """q(z | x, t): (mean, logvar), each [B, *latent_shape]."""
@@ -141,13 +141,16 @@ class VAE:
             opt_state={"model": self.optimizer.init(model)},
         )
 
-    def loss_terms(self, model, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    def loss_terms(
+        self, model, batch: dict, rng: jax.Array, *, train: bool = True
+    ) -> dict[str, jax.Array]:
         """Per-example ELBO terms [B] in nats (vdm style: the caller weighs and reduces),
         plus the posterior means [B, ...] for the active-unit count."""
         image = batch["image"]
-        t = self._text_vector(model, batch)
+        k_z, k_text = jax.random.split(rng)
+        t = self._text_vector(model, batch, train=train, rng=k_text)
         mean_q, logvar_q = self.posterior(model, image, t)
-        z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(rng, mean_q.shape)
+        z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(k_z, mean_q.shape)
         mean_x, log_scale = self.decode(model, z, t)
         mean_p, logvar_p = self.prior_params(model, t, image.shape[0])
         kl = losses.gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
@@ -213,7 +216,7 @@ class VAE:
     # -- validation (run by the loop) ----------------------------------------------------
     def validation_stats(self, params, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
         """Sums over the batch, to be added across batches, then `validation_metrics`."""
-        terms = self.loss_terms(params["model"], batch, rng)
+        terms = self.loss_terms(params["model"], batch, rng, train=False)
         mean_q = terms["posterior_mean"].reshape(terms["recon"].shape[0], -1)
         kl = jnp.sum(terms["kl"].reshape(mean_q.shape[0], -1), axis=1)
         return {

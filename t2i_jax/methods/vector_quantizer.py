@@ -40,7 +40,8 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
     """Index of the nearest code (squared Euclidean distance) of each row of z [N, D]."""
     distances = (
         jnp.sum(z * z, axis=1, keepdims=True)
-        - 2.0 * z @ codebook.T
+        # HIGHEST: a bf16-pass matmul (TPU's default) can misassign near ties.
+        - 2.0 * jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
         + jnp.sum(codebook * codebook, axis=1)[None, :]
     )
     return jnp.argmin(distances, axis=1)
@@ -65,7 +66,7 @@ def ema_update(
     num_codes = state["codebook"].shape[0]
     one_hot = jax.nn.one_hot(codes, num_codes, dtype=z.dtype)
     counts = jnp.sum(one_hot, axis=0)
-    sums = one_hot.T @ z
+    sums = jnp.matmul(one_hot.T, z, precision=jax.lax.Precision.HIGHEST)
     cluster_size = decay * state["cluster_size"] + (1.0 - decay) * counts
     embed_sum = decay * state["embed_sum"] + (1.0 - decay) * sums
     total = jnp.sum(cluster_size)
@@ -82,9 +83,9 @@ def restart_dead_codes(
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Codes whose EMA count is below `threshold` move to random rows of z [N, D].
 
-    A restarted code gets the count `threshold` (and a matching sum), so it is not
-    restarted again at once and has a fair chance to win encoder outputs. Returns the new
-    state and the number of codes restarted.
+    A restarted code gets the count `threshold` and a matching sum, so the next EMA step
+    keeps it where it was put; it stays alive if it then wins about `threshold` encoder
+    outputs per step. Returns the new state and the number of codes restarted.
     """
     z = jax.lax.stop_gradient(z)
     dead = state["cluster_size"] < threshold

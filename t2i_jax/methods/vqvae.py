@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from t2i_jax.errors import ConfigError
+from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import vector_quantizer as vq
 from t2i_jax.methods.base import TrainState, ema_update
-from t2i_jax.methods.code_sampling import SamplingOptions, sample_codes
+from t2i_jax.methods.code_sampling import SamplingOptions, check_options, sample_codes
 from t2i_jax.methods.text_conditioning import TextConditioner
 from t2i_jax.nets.autoencoder import Decoder, Encoder
 from t2i_jax.nets.code_prior import CodePrior
@@ -58,6 +58,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"vqvae.prior_width={vc.prior_width} is not divisible by "
             f"vqvae.prior_heads={vc.prior_heads}"
         )
+    try:
+        check_options(
+            SamplingOptions(vc.temperature, vc.top_k, vc.top_p, vc.guidance), vc.num_codes
+        )
+    except UserError as e:
+        raise ConfigError(f"vqvae sampling: {e}") from None
     if not 0.0 <= vc.ema_decay < 1.0:
         raise ConfigError(f"vqvae.ema_decay must be in [0, 1), got {vc.ema_decay}")
 
@@ -235,6 +241,7 @@ class VQVAE:
             top_p=vc.top_p if top_p is None else top_p,
             guidance=vc.guidance if guidance is None else guidance,
         )
+        check_options(options, vc.num_codes)
         model = params["model"]
         feats = self.text.encode(model["text_encoder"], text["tokens"], text["mask"])
         null = self.text.null(model["text_encoder"], text["tokens"].shape[0])

@@ -47,11 +47,12 @@ def make_validator(
         raise ConfigError(f"train.eval_batches must be a positive int, got {num_batches!r}")
     source = builder.as_data_source(SPLIT)
     cached = features()
-    stats_fn = jax.jit(method.validation_stats)
+    replicated = sharding.replicated(batch_sharding.mesh)
+    stats_fn = jax.jit(method.validation_stats, out_shardings=replicated)
     key = rng.stream_key(config.seed, "validation")
 
-    def validate(params) -> dict[str, float]:
-        loader = pipeline.make_loader(
+    def loader():
+        return pipeline.make_loader(
             source,
             tokenizer,
             global_batch_size=config.train.batch_size,
@@ -62,8 +63,12 @@ def make_validator(
             name=f"{config.data.name}/{SPLIT}",
             features=cached,
         )
+
+    loader()  # a split too small for one batch fails now, not eval_every steps in
+
+    def validate(params) -> dict[str, float]:
         totals: dict[str, np.ndarray] = {}
-        for i, batch in enumerate(itertools.islice(iter(loader), num_batches)):
+        for i, batch in enumerate(itertools.islice(iter(loader()), num_batches)):
             batch = pipeline.to_global(batch, batch_sharding)
             stats = sharding.to_host(stats_fn(params, batch, jax.random.fold_in(key, i)))
             for name, value in stats.items():  # float64 on the host: exact enough to merge
