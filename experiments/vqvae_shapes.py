@@ -40,6 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A code whose EMA count of encoder outputs per step falls below this is moved onto an
     # encoder output of the batch (dead-code restart).
     c.vqvae.dead_code_threshold = 1.0
+    # VQGAN's perceptual term: + weight * LPIPS-vgg(x, reconstruction). Off by default: the
+    # ImageNet VGG16 file (torchvision's vgg16-397923af.pth) is not shipped (its path goes in
+    # perceptual_backbone), and it adds VGG16's forward and backward passes to every step.
+    c.vqvae.perceptual_weight = 0.0
+    c.vqvae.perceptual_backbone = ""
     c.vqvae.prior_width = 256
     c.vqvae.prior_depth = 6
     c.vqvae.prior_heads = 8

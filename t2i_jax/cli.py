@@ -5,7 +5,8 @@
   t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
       [--guidance 3] [--steps 50] [--sampler ddim] --out samples.png
   t2i eval --workdir runs/demo [--num 256] [--seed 0]
-  t2i reconstruct --workdir runs/vae --split validation --num 16 --out recon.png
+  t2i reconstruct --workdir runs/vae --split validation --num 16 --out recon.png \
+      [--lpips-backbone alexnet-owt-7be5be79.pth]
   t2i metrics fid DIR_A DIR_B [--inception-weights FILE] [--batch-size 50]
   t2i metrics psnr|ssim|ms_ssim A B [--data-range 255]
   t2i metrics lpips A B --backbone-weights FILE [--net alex|vgg|squeeze]
@@ -108,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--split", default="validation")
     reconstruct.add_argument("--num", type=int, default=16, help="first N examples")
     reconstruct.add_argument("--out", required=True, help="output PNG (numbers: same name .json)")
+    reconstruct.add_argument(
+        "--lpips-backbone",
+        help="torchvision state dict of the LPIPS backbone (e.g. alexnet-owt-7be5be79.pth): "
+        "adds LPIPS under each pair",
+    )
+    reconstruct.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex")
 
     ablate = sub.add_parser(
         "ablate", help="train (and evaluate) every run of a sweep; write one results table"
@@ -243,10 +250,20 @@ def _sample(args) -> int:
 def _reconstruct(args) -> int:
     from t2i_jax.eval.reconstruct import write_reconstructions
 
-    summary = write_reconstructions(args.workdir, split=args.split, num=args.num, out=args.out)
+    summary = write_reconstructions(
+        args.workdir,
+        split=args.split,
+        num=args.num,
+        out=args.out,
+        lpips_backbone=args.lpips_backbone,
+        lpips_net=args.lpips_net,
+    )
+    lpips_mean = summary.get(f"lpips_{args.lpips_net}_mean")
+    lpips_part = "" if lpips_mean is None else f", LPIPS-{args.lpips_net} {lpips_mean:.4f}"
     print(
         f"wrote {args.out}: {summary['num']} {summary['split']} pairs, "
-        f"PSNR {float(summary['psnr_mean']):.2f} dB, SSIM {summary['ssim_mean']:.4f} (means)"
+        f"PSNR {float(summary['psnr_mean']):.2f} dB, SSIM {summary['ssim_mean']:.4f}"
+        f"{lpips_part} (means)"
     )
     return 0
 

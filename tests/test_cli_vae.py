@@ -6,6 +6,11 @@ import numpy as np
 import pytest
 from helpers import run_cli, train_args
 from PIL import Image
+from safetensors.numpy import save_file
+
+from t2i_jax.eval.reconstruct import reconstruct_split
+from t2i_jax.metrics import lpips
+from t2i_jax.nets import lpips_backbones
 
 
 def test_vae_run_trains_samples_and_reconstructs(tmp_path, data_dir):
@@ -30,13 +35,26 @@ def test_vae_run_trains_samples_and_reconstructs(tmp_path, data_dir):
     assert Image.open(out).size[0] > 0
 
     recon = tmp_path / "recon.png"
-    made = run_cli("reconstruct", "--workdir", str(workdir), "--split", "validation",
-                   "--num", "5", "--out", str(recon))  # fmt: skip
+    backbone = tmp_path / "alex.safetensors"  # random weights: ImageNet's are not shipped
+    alex = lpips_backbones.random_backbone_params("alex", seed=0)
+    save_file(lpips_backbones.state_dict_from_params("alex", alex), str(backbone))
+    made = run_cli("reconstruct", "--workdir", str(workdir), "--split", "validation", "--num",
+                   "5", "--out", str(recon), "--lpips-backbone", str(backbone))  # fmt: skip
     assert made.returncode == 0, made.stderr
     summary = json.loads((tmp_path / "recon.json").read_text())
     assert len(summary["psnr"]) == len(summary["ssim"]) == len(summary["captions"]) == 5
     assert summary["psnr_mean"] == pytest.approx(np.mean(summary["psnr"]), rel=1e-12)
     assert f"PSNR {summary['psnr_mean']:.2f} dB" in made.stdout
+    assert f"LPIPS-alex {summary['lpips_alex_mean']:.4f}" in made.stdout
+    # The LPIPS written is that of the pairs shown: recompute it from the same reconstructions.
+    pairs = reconstruct_split(str(workdir), split="validation", num=5)
+    expected = lpips.lpips_distance(
+        lpips.load_lpips("alex", str(backbone)),
+        lpips.to_model_range(pairs["originals"]),
+        lpips.to_model_range(pairs["reconstructions"]),
+    )
+    np.testing.assert_allclose(summary["lpips_alex"], np.asarray(expected), rtol=1e-5)
+    assert min(summary["lpips_alex"]) > 0
     grid = np.asarray(Image.open(recon))
     assert grid.shape[1] > 2 * 32 * 4 * 4  # four pairs of two 4x-scaled images per row
 

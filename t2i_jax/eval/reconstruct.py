@@ -1,9 +1,10 @@
-"""`t2i reconstruct`: originals next to a run's reconstructions, with PSNR and SSIM.
+"""`t2i reconstruct`: originals next to a run's reconstructions, with PSNR, SSIM and LPIPS.
 
 Works for any method with `reconstruct(params, batch) -> images in [-1, 1]` (the VAE
 family). Examples are the first `num` of the split in file order; the metrics are those of
 `t2i metrics` on the 8-bit images that the PNG shows (data range 255; SSIM with the
-Gaussian 11-tap window of tf.image.ssim), per pair and their mean.
+Gaussian 11-tap window of tf.image.ssim; LPIPS v0.1 when the backbone's file is given, as
+it is not shipped), per pair and their mean.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from t2i_jax.errors import UserError
 from t2i_jax.eval.evaluators import load_examples
 from t2i_jax.eval.grid import to_uint8
 from t2i_jax.eval.sample import load_run
-from t2i_jax.metrics import pixel
+from t2i_jax.metrics import lpips, pixel
 from t2i_jax.train import sharding
 
 BATCH = 64
 
 
-def reconstruct_split(workdir: str, *, split: str, num: int) -> dict:
-    """{"originals", "reconstructions": uint8 [N, H, W, 3], "psnr", "ssim": [N], config}."""
+def reconstruct_split(
+    workdir: str, *, split: str, num: int, lpips_model: lpips.LPIPS | None = None
+) -> dict:
+    """{"originals", "reconstructions": uint8 [N, H, W, 3], "captions", "psnr", "ssim"
+    [, "lpips"]: [N]}."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     config, tokenizer, method, state = load_run(workdir)
@@ -55,13 +59,28 @@ def reconstruct_split(workdir: str, *, split: str, num: int) -> dict:
         outputs.append(to_uint8(sharding.to_host(recon_fn(state.ema_params, batch))))
     recon = np.concatenate(outputs)
     a, b = jnp.asarray(examples.images, jnp.float32), jnp.asarray(recon, jnp.float32)
-    return {
+    result = {
         "originals": examples.images,
         "reconstructions": recon,
         "captions": examples.captions,
         "psnr": np.asarray(pixel.psnr(a, b, data_range=255.0)),
         "ssim": np.asarray(pixel.ssim(a, b, data_range=255.0)),
     }
+    if lpips_model is not None:
+        distance = jax.jit(lpips.lpips_distance)
+        result["lpips"] = np.concatenate(
+            [
+                np.asarray(
+                    distance(
+                        lpips_model,
+                        lpips.to_model_range(examples.images[i : i + BATCH]),
+                        lpips.to_model_range(recon[i : i + BATCH]),
+                    )
+                )
+                for i in range(0, num, BATCH)
+            ]
+        )
+    return result
 
 
 def pairs_grid(result: dict, *, per_row: int = 4, scale: int = 4, pad: int = 6) -> Image.Image:
@@ -69,7 +88,7 @@ def pairs_grid(result: dict, *, per_row: int = 4, scale: int = 4, pad: int = 6) 
     originals, recon = result["originals"], result["reconstructions"]
     n, h, w, _ = originals.shape
     cell_w, cell_h = w * scale, h * scale
-    pair_w, text_h = 2 * cell_w + 2, 26
+    pair_w, text_h = 2 * cell_w + 2, 38 if "lpips" in result else 26
     rows = -(-n // per_row)
     canvas = Image.new(
         "RGB",
@@ -84,6 +103,8 @@ def pairs_grid(result: dict, *, per_row: int = 4, scale: int = 4, pad: int = 6) 
             tile = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (x + j * (cell_w + 2), y))
         label = f"PSNR {result['psnr'][i]:.2f} dB\nSSIM {result['ssim'][i]:.3f}"
+        if "lpips" in result:
+            label += f"\nLPIPS {result['lpips'][i]:.3f}"
         draw.multiline_text((x, y + cell_h + 2), label, fill=(0, 0, 0), font=font, spacing=1)
     return canvas
 
@@ -93,9 +114,23 @@ def _finite_or_str(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def write_reconstructions(workdir: str, *, split: str, num: int, out: str) -> dict:
-    """Writes the grid to `out` and the per-pair numbers to `out` with .json; returns means."""
-    result = reconstruct_split(workdir, split=split, num=num)
+def write_reconstructions(
+    workdir: str,
+    *,
+    split: str,
+    num: int,
+    out: str,
+    lpips_backbone: str | None = None,
+    lpips_net: str = "alex",
+) -> dict:
+    """Writes the grid to `out` and the per-pair numbers to `out` with .json; returns them.
+
+    `lpips_backbone`: torchvision's state-dict file of the `lpips_net` backbone; without it
+    no LPIPS is computed.
+    """
+    # The backbone is read first: a wrong path fails before any work.
+    model = lpips.load_lpips(lpips_net, lpips_backbone) if lpips_backbone else None
+    result = reconstruct_split(workdir, split=split, num=num, lpips_model=model)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp.png"
     pairs_grid(result).save(tmp)
@@ -110,6 +145,9 @@ def write_reconstructions(workdir: str, *, split: str, num: int, out: str) -> di
         "ssim": [float(v) for v in result["ssim"]],
         "captions": result["captions"],
     }
+    if "lpips" in result:
+        summary[f"lpips_{lpips_net}_mean"] = float(np.mean(result["lpips"], dtype=np.float64))
+        summary[f"lpips_{lpips_net}"] = [float(v) for v in result["lpips"]]
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

@@ -7,9 +7,13 @@ Networks ("model"):
   text_encoder       the run's text encoder, trained by the prior's loss
   prior              causal transformer over the flattened code grid with cross-attention
                      onto the caption (`nets/code_prior.py`)
+  lpips              only with vqvae.perceptual_weight > 0: LPIPS-vgg's backbone (read from
+                     vqvae.perceptual_backbone, torchvision's VGG16 file) and linear layers;
+                     frozen, stored with the run like any parameter
 
 One train step updates both stages: the autoencoder on
-  ||x - dec(z_q)||^2 (mean per value) + commitment * ||z_e - sg(e)||^2,
+  ||x - dec(z_q)||^2 (mean per value) + commitment * ||z_e - sg(e)||^2
+  [+ perceptual_weight * LPIPS-vgg(x, dec(z_q)), VQGAN's perceptual term, when set],
 with straight-through gradients, then the codebook's EMA (and a restart of dead codes);
 and the prior on the cross-entropy of the codes of the same batch (stop-gradient: the
 prior never moves the autoencoder), with captions dropped to the empty caption with
@@ -23,6 +27,8 @@ live one, not an average (a restarted code's average would mix two different vec
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,12 +40,19 @@ from t2i_jax.methods import vector_quantizer as vq
 from t2i_jax.methods.base import TrainState, ema_update
 from t2i_jax.methods.code_sampling import SamplingOptions, check_options, sample_codes
 from t2i_jax.methods.text_conditioning import TextConditioner
+from t2i_jax.metrics import lpips
 from t2i_jax.nets.autoencoder import Decoder, Encoder
 from t2i_jax.nets.code_prior import CodePrior
+from t2i_jax.nets.lpips_backbones import TORCHVISION_FILES
 from t2i_jax.text.assets import TextSide
 from t2i_jax.train.optim import make_optimizer
 
 CODEBOOK_PATTERN = "codebook/.*"  # EMA-updated, never by the optimizer
+LPIPS_PATTERN = "lpips/.*"  # the perceptual loss's network: a constant
+
+
+def perceptual_weight(vc: ml_collections.ConfigDict) -> float:
+    return float(vc.get("perceptual_weight", 0.0))  # runs from before the option: none
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -66,6 +79,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"vqvae sampling: {e}") from None
     if not 0.0 <= vc.ema_decay < 1.0:
         raise ConfigError(f"vqvae.ema_decay must be in [0, 1), got {vc.ema_decay}")
+    weight = perceptual_weight(vc)
+    if weight < 0:
+        raise ConfigError(f"vqvae.perceptual_weight must be >= 0, got {weight}")
+    if weight > 0:
+        path = vc.get("perceptual_backbone", "")
+        name = TORCHVISION_FILES["vgg"]
+        if not path:
+            raise ConfigError(
+                "vqvae.perceptual_weight > 0 needs vqvae.perceptual_backbone: the path of "
+                f"torchvision's ImageNet VGG16 file {name} (not downloaded here)"
+            )
+        if not os.path.isfile(path):
+            raise ConfigError(f"vqvae.perceptual_backbone: no file at {path} (expected {name})")
 
 
 def grid_side(config: ml_collections.ConfigDict) -> int:
@@ -94,11 +120,15 @@ class VQVAE:
             depth=vc.prior_depth,
             num_heads=vc.prior_heads,
         )
-        self.optimizer = make_optimizer(
-            config.optim,
-            config.train.steps,
-            frozen=[*self.text.frozen_patterns, CODEBOOK_PATTERN],
-        )
+        self.perceptual_weight = perceptual_weight(vc)
+        # Read once here (as latent diffusion reads its VAE): `init` stores it in params.
+        self.lpips = None
+        if self.perceptual_weight > 0:
+            self.lpips = lpips.load_lpips("vgg", backbone_weights=vc.perceptual_backbone)
+        frozen = [*self.text.frozen_patterns, CODEBOOK_PATTERN]
+        if self.lpips is not None:
+            frozen.append(LPIPS_PATTERN)
+        self.optimizer = make_optimizer(config.optim, config.train.steps, frozen=frozen)
 
     # -- the autoencoder -----------------------------------------------------------------
     def encode(self, model, image) -> jax.Array:
@@ -141,6 +171,11 @@ class VQVAE:
             "codebook": vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim),
             "prior": self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
         }
+        if self.lpips is not None:
+            linear = {f"tap{i}": w for i, w in enumerate(self.lpips.linear)}
+            model["lpips"] = jax.tree.map(
+                jnp.asarray, {"backbone": self.lpips.backbone, "linear": linear}
+            )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params={"model": model},
@@ -149,17 +184,24 @@ class VQVAE:
         )
 
     def autoencode(self, model, image) -> dict[str, jax.Array]:
-        """Per-example recon (mean squared error) and commitment [B], with the codes
-        [B, h*w] and encoder outputs the codebook update needs."""
+        """Per-example recon (mean squared error), commitment and, when weighted, perceptual
+        (LPIPS-vgg) [B], with the codes [B, h*w] and encoder outputs the codebook update
+        needs."""
         z_e = self.encode(model, image)
         codes, quantized = self.quantize(model, z_e)
         out = self.decoder.apply({"params": model["decoder"]}, vq.straight_through(z_e, quantized))
-        return {
+        terms = {
             "recon": jnp.mean(jnp.square(out - image), axis=(1, 2, 3)),
             "commitment": vq.commitment_loss(z_e, quantized),
             "codes": codes,
             "z_e": z_e,
         }
+        if self.lpips is not None:
+            net = jax.lax.stop_gradient(model["lpips"])
+            linear = tuple(net["linear"][f"tap{i}"] for i in range(len(net["linear"])))
+            params = lpips.LPIPS(backbone=net["backbone"], linear=linear, net="vgg")
+            terms["perceptual"] = lpips.lpips_distance(params, out, image)
+        return terms
 
     def prior_loss(self, model, codes, feats) -> jax.Array:
         """Cross-entropy of the codes under the prior, nats per code, per example [B]."""
@@ -183,11 +225,10 @@ class VQVAE:
 
         def loss_fn(model):
             terms = self.loss_terms(model, batch, k_loss)
-            loss = jnp.mean(
-                terms["recon"]
-                + vc.commitment * terms["commitment"]
-                + prior_on * terms["prior_loss"]
-            )
+            loss = terms["recon"] + vc.commitment * terms["commitment"]
+            if "perceptual" in terms:
+                loss = loss + self.perceptual_weight * terms["perceptual"]
+            loss = jnp.mean(loss + prior_on * terms["prior_loss"])
             return loss, terms
 
         model = state.params["model"]
@@ -217,6 +258,8 @@ class VQVAE:
             "codes_restarted": restarted.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads),
         }
+        if "perceptual" in terms:
+            metrics["perceptual"] = jnp.mean(terms["perceptual"])
         new_state = state.replace(
             step=state.step + 1, params=params, ema_params=ema, opt_state={"model": opt_state}
         )
@@ -264,21 +307,27 @@ class VQVAE:
         terms = self.autoencode(model, batch["image"])
         feats = self.text.features(model["text_encoder"], batch)
         codes = terms["codes"].reshape(-1)
-        return {
+        stats = {
             "count": jnp.asarray(batch["image"].shape[0], jnp.float32),
             "recon": jnp.sum(terms["recon"]),
             "prior_loss": jnp.sum(self.prior_loss(model, terms["codes"], feats)),
             "code_counts": jnp.sum(jax.nn.one_hot(codes, self.vc.num_codes), axis=0),
         }
+        if "perceptual" in terms:
+            stats["perceptual"] = jnp.sum(terms["perceptual"])
+        return stats
 
     def validation_metrics(self, totals: dict) -> dict[str, float]:
         n = float(totals["count"])
         counts = np.asarray(totals["code_counts"], np.float64)
         p = counts / counts.sum()
         entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
-        return {
+        metrics = {
             "recon": float(totals["recon"]) / n,
             "prior_loss": float(totals["prior_loss"]) / n,
             "perplexity": float(np.exp(entropy)),
             "codes_used": float(np.mean(counts > 0)),
         }
+        if "perceptual" in totals:
+            metrics["perceptual"] = float(totals["perceptual"]) / n
+        return metrics

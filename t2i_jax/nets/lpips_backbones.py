@@ -227,6 +227,17 @@ def params_from_state_dict(net: str, state_dict: dict[str, np.ndarray], where: s
     return traverse_util.unflatten_dict(flat)
 
 
+def state_dict_from_params(net: str, params: dict) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_state_dict`: torchvision names, OIHW kernels."""
+    state_dict = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        if path[-1] == "kernel":
+            value = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))  # HWIO -> OIHW
+        state_dict[torch_name(path)] = value
+    return state_dict
+
+
 def backbone_params(net: str, path: str) -> dict:
     """Flax params of `backbone(net)` read from a torchvision `.pth` or `.safetensors` file."""
     backbone(net)  # validates the name before the file is read

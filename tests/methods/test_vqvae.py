@@ -13,6 +13,8 @@ from t2i_jax import config as config_lib
 from t2i_jax import registry
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import vector_quantizer as vq
+from t2i_jax.metrics import lpips
+from t2i_jax.nets import lpips_backbones
 
 VQ_EXPERIMENT = "experiments/vqvae_shapes.py"
 
@@ -105,6 +107,12 @@ def test_training_lowers_reconstruction_and_prior_loss_on_a_fixed_batch(built):
         ({"vqvae.top_k": 17}, r"vqvae sampling: top_k must be in \[0, 16\]"),
         ({"vqvae.prior_width": 15}, "not divisible by vqvae.prior_heads=2"),
         ({"vqvae.ema_decay": 1.0}, r"vqvae.ema_decay must be in \[0, 1\)"),
+        ({"vqvae.perceptual_weight": -1.0}, "vqvae.perceptual_weight must be >= 0"),
+        ({"vqvae.perceptual_weight": 1.0}, "needs vqvae.perceptual_backbone: .*vgg16-397923af"),
+        (
+            {"vqvae.perceptual_weight": 1.0, "vqvae.perceptual_backbone": "no/vgg16.pth"},
+            "vqvae.perceptual_backbone: no file at no/vgg16.pth",
+        ),
     ],
 )
 def test_bad_vqvae_sections_are_config_errors(overrides, message):
@@ -112,3 +120,38 @@ def test_bad_vqvae_sections_are_config_errors(overrides, message):
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
     with pytest.raises(ConfigError, match=message):
         registry.check_names(config)
+
+
+def test_perceptual_term_is_lpips_vgg_of_the_reconstruction(data_dir, tmp_path):
+    """With vqvae.perceptual_weight the loss gains weight * LPIPS-vgg(x, dec(z_q)), computed
+    as the metric computes it, and the LPIPS network stays fixed."""
+    from safetensors.numpy import save_file
+
+    backbone = tmp_path / "vgg16.safetensors"  # random weights: ImageNet's are not shipped
+    vgg = lpips_backbones.random_backbone_params("vgg", seed=0)
+    save_file(lpips_backbones.state_dict_from_params("vgg", vgg), str(backbone))
+    weight = 0.5
+    config, builder, method, fns = build_method(
+        VQ_EXPERIMENT,
+        data_dir,
+        tmp_path,
+        **{"vqvae.perceptual_weight": weight, "vqvae.perceptual_backbone": str(backbone)},
+    )
+    state = fns.init(jax.random.key(0))
+    batch = real_batch(config, builder, method)
+    model = jax.device_get(state.params["model"])
+    terms = method.autoencode(model, batch["image"])
+    decoded = method.decode_codes(model, terms["codes"])
+    expected = lpips.lpips_distance(lpips.load_lpips("vgg", str(backbone)), decoded, batch["image"])
+    np.testing.assert_allclose(np.asarray(terms["perceptual"]), np.asarray(expected), rtol=1e-5)
+    assert float(jnp.min(expected)) > 0
+
+    new_state, metrics = fns.train_step(state, batch, jax.random.key(1))
+    m = {k: float(v) for k, v in metrics.items()}
+    c = config.vqvae.commitment
+    total = m["recon"] + c * m["commitment"] + weight * m["perceptual"] + m["prior_loss"]
+    np.testing.assert_allclose(m["loss"], total, rtol=1e-5)
+    np.testing.assert_allclose(m["perceptual"], float(jnp.mean(expected)), rtol=1e-5)
+    before, after = model["lpips"], jax.device_get(new_state.params["model"]["lpips"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
