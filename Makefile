@@ -26,8 +26,9 @@ demo: $(VENV)/.installed-base
 	$(BIN)/t2i train --config experiments/diffusion_shapes.py:demo --workdir $(WORKDIR)
 	@echo "Report: $(WORKDIR)/report.md"
 
+# Tests marked `slow` repeat ground that others cover: `.venv/bin/python -m pytest -m slow` runs them.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check t2i_jax tests experiments benchmarks

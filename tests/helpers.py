@@ -26,9 +26,14 @@ def train_args(workdir, data_dir, *extra: str) -> list[str]:
     ]
 
 
+# XLA without LLVM's optimisations: the suite compiles faster (see conftest.py).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 def cli_env() -> dict:
     """The environment of a user's shell: one CPU device, not the tests' eight."""
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
 def start_cli(*args: str) -> subprocess.Popen:

@@ -43,8 +43,9 @@ class CachedCausalSelfAttention(nn.Module):
             index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             if filled:  # Not the cache's creation: append this step's keys and values.
                 start = index.value
-                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+                at = (jnp.zeros_like(start), start, jnp.zeros_like(start), jnp.zeros_like(start))
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, at)
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
                 index.value = start + length
                 k, v = cached_k.value, cached_v.value
                 query_pos = start + jnp.arange(length)
