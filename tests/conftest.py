@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (before jax is imported) and shared small data."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -23,6 +24,9 @@ os.environ["XLA_FLAGS"] = " ".join(_flags)
 # process): XLA's persistent compilation cache compiles each program once per session. The
 # CLI subprocesses and pytest-xdist workers (started after this runs) inherit the variable,
 # so they share one cache. Results are the same with or without it.
+# Every program, not only those that take a second to compile: the CLI's processes
+# recompile many small ones (sampling, validation, metrics).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="t2i-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
@@ -40,6 +44,30 @@ def data_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data"))
     sources.prepare("t2i_shapes", path, "small")
     return path
+
+
+@pytest.fixture(scope="session")
+def evaluators_trained(data_dir, tmp_path_factory, worker_id) -> str:
+    """`data_dir` with the data set's evaluators in place (what `t2i eval` trains on first
+    use), trained once per session: pytest-xdist's workers each have their own data_dir,
+    and the first to get here copies its evaluators to the session's folder for the others.
+    Training them is deterministic (seed 0), so a copy equals a retraining."""
+    from t2i_jax.data import sources
+    from t2i_jax.eval import evaluators as ev
+
+    base = tmp_path_factory.getbasetemp()
+    session_root = base.parent if worker_id != "master" else base
+    shared = session_root / "shared-evaluators"
+    target = ev.evaluators_dir(sources.load_builder("t2i_shapes", data_dir, "small"))
+    with open(session_root / "evaluators.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not os.path.isdir(target):
+            if shared.is_dir():
+                shutil.copytree(shared, target)
+            else:
+                ev.train_evaluators("t2i_shapes", data_dir, "small", seed=0)
+                shutil.copytree(target, shared)
+    return data_dir
 
 
 @pytest.fixture

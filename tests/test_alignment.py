@@ -205,8 +205,9 @@ def test_attribute_accuracy_merge_equals_one_pass():
 
 
 @pytest.fixture(scope="module")
-def small(data_dir):
-    """Evaluators of the session's small data (trained on first use, seed 0), and its data."""
+def small(evaluators_trained):
+    """Evaluators of the session's small data (trained once, seed 0), and its data."""
+    data_dir = evaluators_trained
     evaluators = ev.load_evaluators("t2i_shapes", data_dir, "small", train_if_missing=True)
     builder = sources.load_builder("t2i_shapes", data_dir, "small")
     return evaluators, builder

@@ -73,7 +73,7 @@ def test_sample_writes_a_grid(trained, tmp_path):
     np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))
 
 
-def test_eval_scores_a_run(trained):
+def test_eval_scores_a_run(trained, evaluators_trained):
     workdir, _ = trained
     result = run_cli("eval", "--workdir", str(workdir), "--num", "8", "--seed", "1")
     assert result.returncode == 0, result.stderr
@@ -86,7 +86,8 @@ def test_eval_scores_a_run(trained):
     assert "## Evaluation" in (workdir / "report.md").read_text()
 
 
-def test_gan_run_trains_samples_and_evaluates(tmp_path, data_dir):
+def test_gan_run_trains_samples_and_evaluates(tmp_path, evaluators_trained):
+    data_dir = evaluators_trained
     workdir = tmp_path / "gan"
     args = train_args(workdir, data_dir, "--config.train.steps=2")
     args[2] = args[2].replace("diffusion_shapes.py", "gan_shapes.py")

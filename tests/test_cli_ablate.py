@@ -22,7 +22,8 @@ def write_sweep(path, width=16) -> str:
     return str(path)
 
 
-def test_sweep_trains_evaluates_and_tabulates(tmp_path, data_dir):
+def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
+    data_dir = evaluators_trained
     sweep = write_sweep(tmp_path / "sweep.py")
     workdir = tmp_path / "sweep"
     args = ["ablate", "--sweep", sweep, "--workdir", str(workdir), "--eval", "--num", "8",

@@ -16,8 +16,9 @@ NUM = 16  # captions per split; the small splits have 64
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
+def run(evaluators_trained, tmp_path_factory):
     """A 2-step run of the experiment's `test` variant on the session's small data."""
+    data_dir = evaluators_trained
     config = config_lib.load_config(f"{EXPERIMENT}:test")
     config.data.dir = data_dir
     config.train.steps = 2

@@ -104,7 +104,7 @@ def pairs_grid(result: dict, *, per_row: int = 4, scale: int = 4, pad: int = 6) 
             canvas.paste(tile, (x + j * (cell_w + 2), y))
         label = f"PSNR {result['psnr'][i]:.2f} dB\nSSIM {result['ssim'][i]:.3f}"
         if "lpips" in result:
-            label += f"\nLPIPS {result['lpips'][i]:.3f}"
+            label += f"\nLPIPS {result['lpips'][i]:.4f}"
         draw.multiline_text((x, y + cell_h + 2), label, fill=(0, 0, 0), font=font, spacing=1)
     return canvas
 
