@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vqvae.dead_code_threshold = 1.0
     # VQGAN's perceptual term: + weight * LPIPS-vgg(x, reconstruction). Off by default: the
     # ImageNet VGG16 file (torchvision's vgg16-397923af.pth) is not shipped (its path goes in
-    # perceptual_backbone), and it adds VGG16's forward and backward passes to every step.
+    # perceptual_backbone), and VGG16's forward and backward passes make a demo step 15x
+    # slower on a 2-core CPU (benchmarks/RESULTS.md).
     c.vqvae.perceptual_weight = 0.0
     c.vqvae.perceptual_backbone = ""
     c.vqvae.prior_width = 256
