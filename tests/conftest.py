@@ -24,13 +24,13 @@ os.environ["XLA_FLAGS"] = " ".join(_flags)
 # process): XLA's persistent compilation cache compiles each program once per session. The
 # CLI subprocesses and pytest-xdist workers (started after this runs) inherit the variable,
 # so they share one cache. Results are the same with or without it.
-# Every program, not only those that take a second to compile: the CLI's processes
-# recompile many small ones (sampling, validation, metrics).
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="t2i-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# Every program, not only those that take a second to compile: the CLI's processes
+# recompile many small ones (sampling, validation, metrics).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 from helpers import EXPERIMENT  # noqa: E402

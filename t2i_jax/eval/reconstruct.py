@@ -45,7 +45,8 @@ def reconstruct_split(
         raise UserError(f"unknown split '{split}'; choose from {sorted(builder.info.splits)}")
     examples = load_examples(builder, split, num)
     recon_fn = jax.jit(method.reconstruct)
-    outputs = []
+    lpips_fn = jax.jit(lpips.lpips_distance)
+    outputs, lpips_values = [], []
     for start in range(0, num, BATCH):
         images = examples.images[start : start + BATCH]
         tokens, mask = tokenizer.encode(
@@ -56,7 +57,11 @@ def reconstruct_split(
             "tokens": tokens,
             "mask": mask,
         }
-        outputs.append(to_uint8(sharding.to_host(recon_fn(state.ema_params, batch))))
+        decoded = to_uint8(sharding.to_host(recon_fn(state.ema_params, batch)))
+        outputs.append(decoded)
+        if lpips_model is not None:  # on the 8-bit images, as the grid shows them
+            x, y = lpips.to_model_range(images), lpips.to_model_range(decoded)
+            lpips_values.append(np.asarray(lpips_fn(lpips_model, x, y)))
     recon = np.concatenate(outputs)
     a, b = jnp.asarray(examples.images, jnp.float32), jnp.asarray(recon, jnp.float32)
     result = {
@@ -67,19 +72,7 @@ def reconstruct_split(
         "ssim": np.asarray(pixel.ssim(a, b, data_range=255.0)),
     }
     if lpips_model is not None:
-        distance = jax.jit(lpips.lpips_distance)
-        result["lpips"] = np.concatenate(
-            [
-                np.asarray(
-                    distance(
-                        lpips_model,
-                        lpips.to_model_range(examples.images[i : i + BATCH]),
-                        lpips.to_model_range(recon[i : i + BATCH]),
-                    )
-                )
-                for i in range(0, num, BATCH)
-            ]
-        )
+        result["lpips"] = np.concatenate(lpips_values)
     return result
 
 

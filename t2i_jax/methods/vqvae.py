@@ -8,8 +8,8 @@ Networks ("model"):
   prior              causal transformer over the flattened code grid with cross-attention
                      onto the caption (`nets/code_prior.py`)
   lpips              only with vqvae.perceptual_weight > 0: LPIPS-vgg's backbone (read from
-                     vqvae.perceptual_backbone, torchvision's VGG16 file) and linear layers;
-                     frozen, stored with the run like any parameter
+                     vqvae.perceptual_backbone, torchvision's VGG16 file), frozen, stored
+                     with the run like any parameter (its linear layers ship with t2i_jax)
 
 One train step updates both stages: the autoencoder on
   ||x - dec(z_q)||^2 (mean per value) + commitment * ||z_e - sg(e)||^2
@@ -172,10 +172,7 @@ class VQVAE:
             "prior": self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
         }
         if self.lpips is not None:
-            linear = {f"tap{i}": w for i, w in enumerate(self.lpips.linear)}
-            model["lpips"] = jax.tree.map(
-                jnp.asarray, {"backbone": self.lpips.backbone, "linear": linear}
-            )
+            model["lpips"] = jax.tree.map(jnp.asarray, self.lpips.backbone)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params={"model": model},
@@ -197,9 +194,7 @@ class VQVAE:
             "z_e": z_e,
         }
         if self.lpips is not None:
-            net = jax.lax.stop_gradient(model["lpips"])
-            linear = tuple(net["linear"][f"tap{i}"] for i in range(len(net["linear"])))
-            params = lpips.LPIPS(backbone=net["backbone"], linear=linear, net="vgg")
+            params = self.lpips.replace(backbone=jax.lax.stop_gradient(model["lpips"]))
             terms["perceptual"] = lpips.lpips_distance(params, out, image)
         return terms
 
