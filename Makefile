@@ -28,9 +28,12 @@ demo: $(VENV)/.installed-base
 
 # Tests marked `slow` repeat ground that others cover: `.venv/bin/python -m pytest -m slow` runs them.
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 
+# lint-imports: no module imports a higher layer (the contract in pyproject.toml).
 lint: $(VENV)/.installed-test
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check t2i_jax tests experiments benchmarks
 	$(BIN)/ruff format --check t2i_jax tests experiments benchmarks
 

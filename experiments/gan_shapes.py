@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.encoder = "bow"
 
     c.gan = ml_collections.ConfigDict()
-    c.gan.network = "dfgan"  # dfgan | stylegan2 (registry.GAN_NETWORKS)
+    c.gan.network = "dfgan"  # dfgan | stylegan2 (t2i_jax/nets/gan_networks.py)
     c.gan.objective = "hinge"  # minimax | non_saturating | hinge
     c.gan.conditioning = "concat"  # concat (DF-GAN) | projection (Miyato & Koyama)
     c.gan.matching_aware = True  # real image + mismatched caption counts as fake

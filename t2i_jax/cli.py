@@ -3,7 +3,7 @@
   t2i train --config experiments/diffusion_shapes.py:demo --workdir runs/demo \
       [--config.KEY=VALUE ...]
   t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
-      [--guidance 3] [--steps 50] [--sampler ddim] --out samples.png
+      [the family's sample options: --guidance 3 --steps 50 ...] --out samples.png
   t2i eval --workdir runs/demo [--num 256] [--seed 0]
   t2i reconstruct --workdir runs/vae --split validation --num 16 --out recon.png \
       [--lpips-backbone alexnet-owt-7be5be79.pth]
@@ -21,7 +21,6 @@ SIGINT saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run the same co
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -72,27 +71,21 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
 
-    sample = sub.add_parser("sample", help="sample a grid of images from a run")
-    sample.add_argument("--workdir", required=True)
-    sample.add_argument("--prompt", action="append", required=True, help="repeatable")
+    sample = sub.add_parser(
+        "sample",
+        help="sample a grid of images from a run",
+        add_help=False,  # -h with --workdir also lists the run's family's sample options
+        epilog="Each family adds its own sample options (diffusion: --guidance --steps "
+        "--sampler --eta; gan: --truncation; vae: --temperature; vqvae: --temperature "
+        "--top-k --top-p --guidance): `t2i sample --workdir DIR -h` lists the run's.",
+    )
+    sample.add_argument("-h", "--help", action="store_true", help="show this help")
+    sample.add_argument("--workdir")
+    sample.add_argument("--prompt", action="append", help="repeatable")
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--guidance", type=float, default=None)
-    sample.add_argument("--steps", type=int, default=None)
-    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
-    sample.add_argument("--eta", type=float, default=None)
-    sample.add_argument(
-        "--truncation", type=float, default=None, help="GAN (stylegan2): truncation psi"
-    )
-    sample.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="VAE: scale of the prior's std; VQ-VAE prior: softmax temperature (0: greedy)",
-    )
-    sample.add_argument("--top-k", type=int, default=None, help="VQ-VAE prior: top-k codes")
-    sample.add_argument("--top-p", type=float, default=None, help="VQ-VAE prior: nucleus mass")
-    sample.add_argument("--out", required=True, help="output PNG")
+    sample.add_argument("--out", help="output PNG")
+    parser.sample_parser = sample
 
     evaluate = sub.add_parser(
         "eval", help="sample a run's validation and compositional captions and score them"
@@ -203,45 +196,56 @@ def _train(args, overrides: list[str]) -> int:
     return 0
 
 
-def _sample(args) -> int:
-    import jax
+def _sample_options_parser(method_name: str, options) -> argparse.ArgumentParser:
+    """The flags of a family's declared sample options (methods/base.py SampleOption)."""
+    parser = argparse.ArgumentParser(prog=f"t2i sample ({method_name} run)", add_help=False)
+    for option in options:
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            type=option.type,
+            choices=option.choices,
+            default=None,
+            help=f"{option.help} (default: the run's {option.config_key})",
+        )
+    return parser
 
-    from t2i_jax.eval.grid import save_grid
-    from t2i_jax.eval.sample import load_run, make_sampler, sample_images
 
+def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
+    from t2i_jax.methods.registry import method_class
+    from t2i_jax.runs.loading import read_config
+
+    if args.help and not args.workdir:
+        parser.print_help()
+        return 0
+    if not args.workdir:
+        raise UserError("t2i sample needs --workdir")
+    config = read_config(args.workdir)
+    options_parser = _sample_options_parser(
+        config.method, method_class(config.method).sample_options
+    )
+    if args.help:
+        options_parser.print_help()
+        return 0
+    if not args.prompt or not args.out:
+        raise UserError("t2i sample needs --prompt (repeatable) and --out")
+    known, unknown = options_parser.parse_known_args(extra)
+    if unknown:
+        flags = [o.option_strings[0] for o in options_parser._actions] or ["none"]
+        raise UserError(
+            f"{unknown[0]} does not apply to a {config.method} run; its sample options: "
+            f"{' '.join(flags)}"
+        )
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     if any(not p.strip() for p in args.prompt):
         raise UserError("--prompt must not be empty")
-    config, tokenizer, method, state = load_run(args.workdir)
-    options = {
-        k: v
-        for k, v in (
-            ("guidance", args.guidance),
-            ("steps", args.steps),
-            ("sampler", args.sampler),
-            ("eta", args.eta),
-            ("truncation", args.truncation),
-            ("temperature", args.temperature),
-            ("top_k", args.top_k),
-            ("top_p", args.top_p),
-        )
-        if v is not None
-    }
-    accepted = inspect.signature(method.sample).parameters
-    for name in options:
-        if name not in accepted:
-            flag = name.replace("_", "-")
-            raise UserError(f"--{flag} does not apply to a {config.method} run")
-    images = sample_images(
-        make_sampler(method, **options),
-        state.ema_params,
-        tokenizer,
-        args.prompt,
-        per_prompt=args.num,
-        rng=jax.random.key(args.seed),
-        max_len=config.text.max_len,
-    )
+
+    from t2i_jax.grid import save_grid
+    from t2i_jax.pipeline import Pipeline
+
+    pipe = Pipeline.from_workdir(args.workdir)
+    images = pipe(args.prompt, num=args.num, seed=args.seed, output="numpy", **vars(known))
     save_grid(args.out, images, args.prompt)
     print(f"wrote {args.out}")
     return 0
@@ -355,6 +359,7 @@ def _ablate(args, overrides: list[str]) -> int:
 
 def _data(args) -> int:
     from t2i_jax.data import sources
+    from t2i_jax.text.tokenizer import prepare_tokenizer
 
     if args.data_command == "evaluators":
         from t2i_jax.eval.evaluators import train_evaluators
@@ -362,7 +367,7 @@ def _data(args) -> int:
         train_evaluators(args.name, args.data_dir, args.variant, seed=args.seed)
         return 0
     builder = sources.prepare(args.name, args.data_dir, args.variant)
-    tokenizer = sources.prepare_tokenizer(builder, args.vocab_size)
+    tokenizer = prepare_tokenizer(builder, args.vocab_size)
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(
         f"{args.name} ({args.variant}) in {builder.data_dir}: {splits}; "
@@ -380,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = _split_config_overrides(argv)
-        args = _parser().parse_args(rest)
+        parser = _parser()
+        args, extra = parser.parse_known_args(rest)
+        if extra and args.command != "sample":  # only sample takes a family's own flags
+            parser.parse_args(rest)
         if overrides and args.command not in ("train", "ablate"):
             raise UserError(
                 f"--config.* overrides apply to `t2i train` and `t2i ablate` only: {overrides[0]}"
@@ -388,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, overrides)
         if args.command == "sample":
-            return _sample(args)
+            return _sample(args, parser.sample_parser, extra)
         if args.command == "eval":
             return _eval(args)
         if args.command == "ablate":

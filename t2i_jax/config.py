@@ -157,3 +157,11 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         return node
 
     return ml_collections.ConfigDict(tuples(json.loads(text)))
+
+
+def choose(table: dict[str, Any], name: str, key: str) -> Any:
+    """`table[name]` of a registry table; an unknown name is a ConfigError listing the
+    choices, raised before a run creates anything."""
+    if name not in table:
+        raise ConfigError(f"unknown {key} '{name}'; choose from {sorted(table)}")
+    return table[name]

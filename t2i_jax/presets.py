@@ -43,7 +43,7 @@ def shapes_data(variant: str) -> ml_collections.ConfigDict:
 
 def text(variant: str) -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    # transformer | causal | bow | tfidf | embedding | bert (t2i_jax/text/assets.py)
+    # transformer | causal | bow | tfidf | embedding | bert (t2i_jax/text/encoders.py)
     t.encoder = "transformer"
     t.vocab_size = 128  # SentencePiece; capped by what the captions support.
     t.max_len = 16 if variant == "test" else 24

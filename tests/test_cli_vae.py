@@ -95,7 +95,7 @@ def test_vqvae_run_trains_samples_with_its_prior_and_reconstructs(tmp_path, data
 def test_latent_diffusion_loads_its_frozen_vae_and_needs_it(tmp_path, data_dir):
     import jax
 
-    from t2i_jax.eval.sample import load_run
+    from t2i_jax.runs.sampling import load_run
 
     vae = tmp_path / "vae"
     args = train_args(vae, data_dir, "--config.train.steps=2", "--config.vae.conditional=False",

@@ -8,8 +8,8 @@ from helpers import EXPERIMENT
 
 from t2i_jax import config as config_lib
 from t2i_jax.errors import UserError
-from t2i_jax.eval import report
 from t2i_jax.eval.evaluate import evaluate_run
+from t2i_jax.train import report
 from t2i_jax.train.loop import train_and_evaluate
 
 NUM = 16  # captions per split; the small splits have 64

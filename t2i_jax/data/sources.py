@@ -1,8 +1,8 @@
 """Opening a registered data set: prepare its TFDS files once, then random access.
 
-A data set is a TFDS builder writing array_record files (no TensorFlow needed). The
-SentencePiece tokenizer is trained on its training captions at prepare time and kept
-beside the data, keyed by vocabulary size.
+A data set is a TFDS builder writing array_record files (no TensorFlow needed). Its
+SentencePiece tokenizer (text/tokenizer.py) is trained on the training captions and kept
+beside the data.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from t2i_jax import registry
+from t2i_jax.data.datasets import builder_class
 from t2i_jax.errors import DataError
-from t2i_jax.text.tokenizer import Tokenizer, train_tokenizer
 
 
 def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
@@ -33,7 +32,7 @@ def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
 
 
 def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
-    builder_cls = registry.get(registry.DATASETS, name, "data.name")
+    builder_cls = builder_class(name)
     try:
         return builder_cls(
             data_dir=os.path.expanduser(data_dir), config=variant, file_format="array_record"
@@ -70,15 +69,3 @@ def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
 
 def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
     return split_captions(builder, "train")
-
-
-def prepare_tokenizer(builder: tfds.core.DatasetBuilder, vocab_size: int) -> Tokenizer:
-    """Trains (once) and loads the SentencePiece model of this data set and vocab size."""
-    path = os.path.join(builder.data_dir, f"spm_vocab{vocab_size}.model")
-    if jax.process_index() == 0 and not os.path.isfile(path):
-        train_tokenizer(training_captions(builder), vocab_size).save(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"tokenizer {path}")
-    return Tokenizer.load(path)

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from t2i_jax import config as config_lib
-from t2i_jax import registry
 from t2i_jax.errors import ConfigError
+from t2i_jax.methods import registry
 from t2i_jax.train.logging import read_metrics
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,12 @@ def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.C
     return configs
 
 
-CURVES = ("loss", "d_loss", "g_loss")  # training losses of the families, as logged
-
-
-def final_losses(workdir: str) -> dict[str, float]:
-    """Each logged training loss, averaged over the last FINAL_LOSS_STEPS logged steps."""
+def final_losses(workdir: str, curves: tuple[str, ...]) -> dict[str, float]:
+    """Each of the family's curves (`Method.curves`), averaged over the last
+    FINAL_LOSS_STEPS logged steps."""
     records = read_metrics(workdir)
     out = {}
-    for key in CURVES:
+    for key in curves:
         values = [m[key] for m in records if key in m]
         if values:
             out[key] = float(np.mean(values[-FINAL_LOSS_STEPS:]))
@@ -127,7 +125,7 @@ def _lookup(metrics: dict, split: str, path: tuple[str, ...]) -> float | None:
 
 def results_table(results: dict[str, dict]) -> list[str]:
     evaluated = any(r.get("eval") for r in results.values())
-    curves = [c for c in CURVES if any(c in r["final"] for r in results.values())]
+    curves = list(dict.fromkeys(c for r in results.values() for c in r["final"]))
     header = ["run", "changes", "steps"]
     header += [f"final {c} (mean of last {FINAL_LOSS_STEPS} logged)" for c in curves]
     if evaluated:
@@ -197,7 +195,7 @@ def run_sweep(
             "workdir": run_dir,
             "changes": sweep["runs"][name],
             "steps": max((m["step"] for m in read_metrics(run_dir)), default=0),
-            "final": final_losses(run_dir),
+            "final": final_losses(run_dir, registry.method_class(config.method).curves),
             "eval": evaluate_run(run_dir, num=num, seed=seed) if evaluate else None,
         }
         _write(workdir, spec, overrides, results)

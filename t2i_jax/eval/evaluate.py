@@ -26,24 +26,33 @@ import os
 import jax
 import numpy as np
 
-from t2i_jax import rng
+from t2i_jax import rng, sharding
+from t2i_jax.batching import padded_batches
 from t2i_jax.data import sources
+from t2i_jax.data.examples import Examples, load_examples
 from t2i_jax.errors import UserError
-from t2i_jax.eval import report
-from t2i_jax.eval.evaluators import Evaluators, Examples, load_evaluators, load_examples
-from t2i_jax.eval.grid import save_grid, to_uint8
-from t2i_jax.eval.sample import load_run, make_sampler
+from t2i_jax.eval.evaluators import Evaluators, load_evaluators
+from t2i_jax.grid import save_grid, to_uint8
 from t2i_jax.metrics import alignment
 from t2i_jax.metrics.frechet import frechet_distance, stats_of
-from t2i_jax.train import sharding
+from t2i_jax.runs.loading import load_run
+from t2i_jax.runs.sampling import make_sampler
+from t2i_jax.train import report
 
 SPLITS: tuple[str, ...] = ("validation", "compositional")
 GRID_COLUMNS = 8
-SAMPLE_OPTIONS = ("guidance", "sample_steps", "sampler", "eta")
 
 
 def generate(
-    sampler, params, tokenizer, captions: list[str], *, max_len: int, key, batch_size: int
+    sampler,
+    params,
+    frozen,
+    tokenizer,
+    captions: list[str],
+    *,
+    max_len: int,
+    key,
+    batch_size: int,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3], one image per caption, in batches of `batch_size`.
 
@@ -56,13 +65,13 @@ def generate(
         sharding.batch_sharding(mesh) if batch_size % mesh.size == 0 else sharding.replicated(mesh)
     )
     out = []
-    for b, start in enumerate(range(0, len(captions), batch_size)):
-        part = captions[start : start + batch_size]
-        padded = part + [part[-1]] * (batch_size - len(part))
-        tokens, mask = tokenizer.encode(padded, max_len)
+    # Rows are encoded one caption at a time, so padding the encoded rows with the last one
+    # equals encoding the last caption again.
+    batches = padded_batches(tokenizer.encode(captions, max_len), batch_size, fill="edge")
+    for b, (_, (tokens, mask), n) in enumerate(batches):
         text = jax.device_put({"tokens": tokens, "mask": mask}, where)
-        images = sampler(params, text, jax.random.fold_in(key, b))
-        out.append(to_uint8(sharding.to_host(images))[: len(part)])
+        images = sampler(params, text, jax.random.fold_in(key, b), frozen)
+        out.append(to_uint8(sharding.to_host(images))[:n])
     return np.concatenate(out)
 
 
@@ -111,8 +120,9 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
         raise UserError(f"evaluation needs at least 2 captions per split, got num={num}")
     if batch_size < 1:
         raise UserError(f"batch_size must be positive, got {batch_size}")
-    config, tokenizer, method, state = load_run(workdir)
-    step = int(sharding.to_host(state.step))
+    run = load_run(workdir)
+    config, method, state, tokenizer = run.config, run.method, run.state, run.tokenizer
+    step = run.step
     data = config.data
     evaluators = load_evaluators(data.name, data.dir, data.variant, train_if_missing=True)
     builder = sources.prepare(data.name, data.dir, data.variant)
@@ -128,6 +138,7 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
         images = generate(
             sampler,
             state.ema_params,
+            run.frozen,
             tokenizer,
             examples.captions,
             max_len=config.text.max_len,
@@ -175,9 +186,7 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
         grid = np.stack([images[:columns], examples.images[:columns]], axis=1)
         save_grid(os.path.join(out_dir, f"samples_{split}.png"), grid, examples.captions[:columns])
 
-    sample_options = (
-        {k: config.diffusion.get(k) for k in SAMPLE_OPTIONS} if "diffusion" in config else {}
-    )
+    sample_options = method.sample_defaults(config)
     metrics = {
         "step": step,
         "num": num,

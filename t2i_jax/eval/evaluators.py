@@ -1,9 +1,9 @@
 """The built-in alignment evaluators of `t2i_shapes`: an attribute probe and a contrastive encoder.
 
-`train_evaluators(name, data_dir, variant, seed=...)` trains both on the real training split
-plus scenes with the held-out (shape, colour) pairs (jit-compiled steps, every draw from the
-seed), measures them on the real `test` and `compositional` splits and stores them under
-`<builder.data_dir>/evaluators/`:
+`train_evaluators(name, data_dir, variant, seed=...)` trains both (`evaluator_training.py`)
+on the real training split plus scenes with the held-out (shape, colour) pairs
+(`data/examples.py`), measures them on the real `test` and `compositional` splits and stores
+them under `<builder.data_dir>/evaluators/`:
 
   evaluators.json          architecture configs, training plan, seed, tokenizer file, digests,
                            real-test probe accuracy per attribute, real-test R-precision
@@ -36,240 +36,35 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from t2i_jax import rng
-from t2i_jax.data import shapes, sources
+from t2i_jax.batching import map_in_batches
+from t2i_jax.data import sources
+from t2i_jax.data.examples import Examples, concat, held_out_scenes, load_examples
 from t2i_jax.errors import DataError
+from t2i_jax.eval.evaluator_training import (
+    CONTRASTIVE_CONFIG,
+    PLANS,
+    PROBE_CONFIG,
+    to_float,
+    train_contrastive,
+    train_probe,
+)
 from t2i_jax.metrics import alignment
-from t2i_jax.nets.contrastive import ContrastiveEncoder, info_nce
+from t2i_jax.nets.contrastive import ContrastiveEncoder
 from t2i_jax.nets.probe import HEADS, AttributeProbe
-from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.text.tokenizer import Tokenizer, prepare_tokenizer
 
 FORMAT_VERSION = 2  # 2: trained with held-out scenes too
 DIRNAME = "evaluators"
 SUPPORTED = ("t2i_shapes",)  # The probe's heads are this data set's attributes.
 TOKENIZER_VOCAB = 128  # The data set's tokenizer file the runs use by default.
-EVAL_BATCH = 250
+EVAL_BATCH = 250  # rows per call of the applied evaluators (the last call padded)
 PROBE_TARGET = 0.99  # per attribute, on real test images, for a probe worth trusting
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How long to train each evaluator (steps of `batch_size` examples, AdamW, cosine)."""
-
-    probe_steps: int
-    contrastive_steps: int
-    held_out_scenes: int
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 50
-
-
-# Measured on a 2-core CPU: `default` trains both in a few minutes; `small` (512 training
-# images) is for tests and reaches lower accuracy.
-PLANS: dict[str, Plan] = {
-    "default": Plan(probe_steps=800, contrastive_steps=600, held_out_scenes=4000),
-    "small": Plan(
-        probe_steps=150, contrastive_steps=150, held_out_scenes=128, batch_size=64, lr=3e-3
-    ),
-}
-# 128 features: `t2i eval`'s default 256 images per split give a full-rank covariance.
-PROBE_CONFIG = {"channels": (32, 64, 128), "features": 128}
-CONTRASTIVE_CONFIG = {
-    "max_len": 32,
-    "embed_dim": 128,
-    "channels": (32, 64, 128),
-    "image_features": 256,
-    "text_width": 64,
-    "text_depth": 2,
-    "text_heads": 4,
-}
-
-
-# -- data ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Examples:
-    """The first examples of a split, as arrays: images uint8 [N, H, W, 3], attributes [N]."""
-
-    images: np.ndarray
-    captions: list[str]
-    attributes: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-def load_examples(builder, split: str, num: int | None = None) -> Examples:
-    """Records 0..num-1 of `split` (all when num is None); fails if the split is shorter."""
-    source = builder.as_data_source(split)
-    num = len(source) if num is None else num
-    if num > len(source):
-        raise DataError(f"{builder.name} {split} has {len(source)} examples, {num} asked")
-    records = source.__getitems__(list(range(num)))
-    where = f"{builder.name} {split}"
-    return Examples(
-        images=np.stack([np.asarray(r["image"], np.uint8) for r in records]),
-        captions=[
-            sources.decode_caption(r["caption"], f"{where}[{i}]") for i, r in enumerate(records)
-        ],
-        attributes={
-            k: np.asarray([r["attributes"][k] for r in records], np.int32)
-            for k in records[0]["attributes"]
-        },
-    )
-
-
-def held_out_scenes(builder, num: int, seed: int) -> Examples:
-    """`num` scenes with held-out pairs, drawn under the evaluators' seed, not the data's."""
-    scene_seed = rng.stream_seed(seed, "evaluators/held_out_scenes")
-    if scene_seed == builder.builder_config.seed:
-        raise DataError("evaluator scene seed collides with the data set's seed")
-    examples = [shapes.make_example(scene_seed, "compositional", i) for i in range(num)]
-    return Examples(
-        images=np.stack([e["image"] for e in examples]),
-        captions=[e["caption"] for e in examples],
-        attributes={
-            k: np.asarray([e["attributes"][k] for e in examples], np.int32)
-            for k in examples[0]["attributes"]
-        },
-    )
-
-
-def concat(a: Examples, b: Examples) -> Examples:
-    return Examples(
-        images=np.concatenate([a.images, b.images]),
-        captions=a.captions + b.captions,
-        attributes={k: np.concatenate([a.attributes[k], b.attributes[k]]) for k in a.attributes},
-    )
-
-
-def _to_float(images: jax.Array) -> jax.Array:
-    """uint8 pixels -> [-1, 1], the batch contract's scaling."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def _labels(attributes: dict[str, np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(attributes[k], np.int32) for k in HEADS], axis=1)
-
-
-def _order(seed: int, name: str, num_records: int, plan: Plan, steps: int) -> np.ndarray:
-    """int32 [steps, batch]: shuffled epochs from the seed, cut into batches."""
-    gen = np.random.default_rng(rng.stream_seed(seed, name))
-    need = steps * plan.batch_size
-    epochs = -(-need // num_records)
-    order = np.concatenate([gen.permutation(num_records) for _ in range(epochs)])
-    return order[:need].reshape(steps, plan.batch_size).astype(np.int32)
-
-
-def _optimizer(plan: Plan, steps: int) -> optax.GradientTransformation:
-    warmup = min(plan.warmup_steps, steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, plan.lr, warmup, max(steps, warmup + 1), end_value=0.05 * plan.lr
-    )
-    return optax.adamw(schedule, weight_decay=1e-4)
-
-
-def _augment(key: jax.Array, x: jax.Array) -> jax.Array:
-    """Gaussian pixel noise of a random strength per image (std up to 0.1 on [-1, 1]).
-
-    Generated images are never as clean as the renderer's; noise keeps the evaluators from
-    relying on exact pixel values.
-    """
-    k1, k2 = jax.random.split(key)
-    sigma = jax.random.uniform(k1, (x.shape[0], 1, 1, 1), maxval=0.1)
-    return x + sigma * jax.random.normal(k2, x.shape)
-
-
-def _probe_loss(model: AttributeProbe, params, idx, key, images, labels) -> jax.Array:
-    """Cross-entropy summed over the heads, each averaged over the scenes that have it."""
-    x = _augment(key, _to_float(images[idx]))
-    y = labels[idx]
-    out = model.apply({"params": params}, x)
-    total = 0.0
-    for j, name in enumerate(HEADS):
-        valid = y[:, j] >= 0  # -1: no such attribute in this scene
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            out.logits[name], jnp.maximum(y[:, j], 0)
-        )
-        total += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-    return total
-
-
-def _contrastive_loss(
-    model: ContrastiveEncoder, params, idx, key, images, tokens, mask
-) -> jax.Array:
-    x = _augment(key, _to_float(images[idx]))
-    img, txt, scale = model.apply({"params": params}, x, tokens[idx], mask[idx])
-    return info_nce(img, txt, scale)
-
-
-# Module-level and keyed by static arguments (Flax modules hash by their fields), so repeated
-# trainings with the same model, plan and length reuse one compilation.
-@functools.partial(
-    jax.jit, static_argnames=("model", "plan", "steps"), donate_argnames=("params", "opt_state")
-)
-def _train_step(model, plan: Plan, steps: int, params, opt_state, idx, step, stream, data):
-    loss_fn = _probe_loss if isinstance(model, AttributeProbe) else _contrastive_loss
-    key = rng.step_key(stream, step)
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(model, params, idx, key, *data)
-    updates, opt_state = _optimizer(plan, steps).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-def _run_steps(model, params, steps: int, plan: Plan, order: np.ndarray, stream, *data):
-    """Runs `steps` AdamW steps of the model's loss, one jitted call each.
-
-    The data arrays live on the device as jit arguments (not constants baked into the
-    program); each step gathers its batch `data[idx]` there. (A `lax.scan` over steps was
-    ~10x slower on CPU: XLA runs the convolutions inside a loop body far less efficiently.)
-    Returns (params, final loss).
-    """
-    opt_state = _optimizer(plan, steps).init(params)
-    arrays = tuple(jnp.asarray(a) for a in data)
-    loss = jnp.nan
-    for step in range(steps):
-        params, opt_state, loss = _train_step(
-            model, plan, steps, params, opt_state, order[step], step, stream, arrays
-        )
-    return params, float(loss)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _init(model, key, *inputs):
-    return model.init(key, *inputs)["params"]
-
-
-def train_probe(train: Examples, *, seed: int, plan: Plan, steps: int | None = None):
-    """AttributeProbe params trained on `train`; returns (params, final loss)."""
-    steps = plan.probe_steps if steps is None else steps
-    model = AttributeProbe(**PROBE_CONFIG)
-    images = jnp.zeros((1,) + train.images.shape[1:])
-    params = _init(model, rng.stream_key(seed, "probe/init"), images)
-    order = _order(seed, "probe/order", len(train), plan, steps)
-    stream = rng.stream_key(seed, "probe/augment")
-    return _run_steps(
-        model, params, steps, plan, order, stream, train.images, _labels(train.attributes)
-    )
-
-
-def train_contrastive(
-    train: Examples, tokenizer: Tokenizer, *, seed: int, plan: Plan, steps: int | None = None
-):
-    """ContrastiveEncoder params trained with the symmetric InfoNCE loss; (params, loss)."""
-    steps = plan.contrastive_steps if steps is None else steps
-    model = ContrastiveEncoder(vocab_size=tokenizer.vocab_size, **CONTRASTIVE_CONFIG)
-    tokens, mask = tokenizer.encode(train.captions, CONTRASTIVE_CONFIG["max_len"])
-    images = jnp.zeros((1,) + train.images.shape[1:])
-    params = _init(model, rng.stream_key(seed, "contrastive/init"), images, tokens[:1], mask[:1])
-    order = _order(seed, "contrastive/order", len(train), plan, steps)
-    stream = rng.stream_key(seed, "contrastive/augment")
-    return _run_steps(model, params, steps, plan, order, stream, train.images, tokens, mask)
-
-
-# -- the stored evaluators -----------------------------------------------------------------
+# -- applying them -------------------------------------------------------------------------
 def _jsonable(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
@@ -279,28 +74,15 @@ def _module_config(config: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def _batched(fn, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Applies a jitted fn over fixed-size batches (the last one padded): one compilation."""
-    n = inputs[0].shape[0]
-    outs = []
-    for start in range(0, n, EVAL_BATCH):
-        part = [a[start : start + EVAL_BATCH] for a in inputs]
-        size = part[0].shape[0]
-        if size < EVAL_BATCH:
-            part = [np.concatenate([a, np.repeat(a[-1:], EVAL_BATCH - size, axis=0)]) for a in part]
-        outs.append(jax.tree.map(lambda o, size=size: np.asarray(o)[:size], fn(*part)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _apply_probe(model: AttributeProbe, params, images):
-    out = model.apply({"params": params}, _to_float(images))
+    out = model.apply({"params": params}, to_float(images))
     return {k: jnp.argmax(v, axis=-1) for k, v in out.logits.items()}, out.features
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _embed_images(model: ContrastiveEncoder, params, images):
-    return model.apply({"params": params}, _to_float(images), method="encode_image")
+    return model.apply({"params": params}, to_float(images), method="encode_image")
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -332,18 +114,18 @@ class Evaluators:
     def probe_outputs(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """uint8 images [N, H, W, 3] -> (predicted attribute values [N] by name, features)."""
         fn = functools.partial(_apply_probe, self.probe, self.probe_params)
-        return _batched(fn, [np.asarray(images, np.uint8)])
+        return map_in_batches(fn, [np.asarray(images, np.uint8)], EVAL_BATCH, fill="edge")
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] -> unit embeddings [N, E]."""
         fn = functools.partial(_embed_images, self.encoder, self.contrastive_params)
-        return _batched(fn, [np.asarray(images, np.uint8)])
+        return map_in_batches(fn, [np.asarray(images, np.uint8)], EVAL_BATCH, fill="edge")
 
     def embed_texts(self, captions: Sequence[str]) -> np.ndarray:
         """Captions -> unit embeddings [N, E]."""
         tokens, mask = self.tokenizer.encode(list(captions), self.encoder.max_len)
         fn = functools.partial(_embed_texts, self.encoder, self.contrastive_params)
-        return _batched(fn, [tokens, mask])
+        return map_in_batches(fn, [tokens, mask], EVAL_BATCH, fill="edge")
 
     @property
     def digests(self) -> dict[str, str]:
@@ -374,6 +156,7 @@ def contrastive_scores(evaluators: Evaluators, examples: Examples, *, seed: int)
     }
 
 
+# -- training once, storing, loading -------------------------------------------------------
 def _flat(params) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
@@ -401,7 +184,7 @@ def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -
     builder = sources.prepare(name, data_dir, variant)
     plan = PLANS.get(variant, PLANS["default"])
     tokenizer_file = f"spm_vocab{TOKENIZER_VOCAB}.model"
-    tokenizer = sources.prepare_tokenizer(builder, TOKENIZER_VOCAB)
+    tokenizer = prepare_tokenizer(builder, TOKENIZER_VOCAB)
     train = concat(
         load_examples(builder, "train"), held_out_scenes(builder, plan.held_out_scenes, seed)
     )

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from t2i_jax import sharding
 from t2i_jax.data import sources
+from t2i_jax.data.examples import load_examples
 from t2i_jax.errors import UserError
-from t2i_jax.eval.evaluators import load_examples
-from t2i_jax.eval.grid import to_uint8
-from t2i_jax.eval.sample import load_run
+from t2i_jax.grid import to_uint8
 from t2i_jax.metrics import lpips, pixel
-from t2i_jax.train import sharding
+from t2i_jax.runs.loading import load_run
 
 BATCH = 64
 
@@ -36,8 +36,9 @@ def reconstruct_split(
     [, "lpips"]: [N]}."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
-    config, tokenizer, method, state = load_run(workdir)
-    if not hasattr(method, "reconstruct"):
+    run = load_run(workdir)
+    config, method, state, tokenizer = run.config, run.method, run.state, run.tokenizer
+    if not method.offers("reconstruct"):
         raise UserError(f"a {config.method} run has no encoder: nothing to reconstruct")
     data = config.data
     builder = sources.prepare(data.name, data.dir, data.variant)
@@ -57,7 +58,7 @@ def reconstruct_split(
             "tokens": tokens,
             "mask": mask,
         }
-        decoded = to_uint8(sharding.to_host(recon_fn(state.ema_params, batch)))
+        decoded = to_uint8(sharding.to_host(recon_fn(state.ema_params, batch, run.frozen)))
         outputs.append(decoded)
         if lpips_model is not None:  # on the 8-bit images, as the grid shows them
             x, y = lpips.to_model_range(images), lpips.to_model_range(decoded)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax.errors import UserError
+from t2i_jax.methods import guidance
 from t2i_jax.nets.code_prior import CodePrior, init_cache
 
 
@@ -62,19 +63,6 @@ def _draw(key: jax.Array, logits: jax.Array, options: SamplingOptions) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _context(text_seq, text_mask, null_seq, null_mask, guidance: float):
-    if guidance == 1.0:
-        return text_seq, text_mask
-    return jnp.concatenate([text_seq, null_seq]), jnp.concatenate([text_mask, null_mask])
-
-
-def _guided(logits: jax.Array, batch: int, guidance: float) -> jax.Array:
-    if guidance == 1.0:
-        return logits
-    cond, uncond = logits[:batch], logits[batch:]
-    return uncond + guidance * (cond - uncond)
-
-
 def sample_codes(
     prior: CodePrior,
     params,
@@ -87,7 +75,9 @@ def sample_codes(
 ) -> jax.Array:
     """codes int32 [B, seq_len], decoded one token per step with the key/value cache."""
     batch = text_seq.shape[0]
-    ctx_seq, ctx_mask = _context(text_seq, text_mask, null_seq, null_mask, options.guidance)
+    ctx_seq, ctx_mask = guidance.doubled(
+        (text_seq, text_mask), (null_seq, null_mask), options.guidance
+    )
     rows = ctx_seq.shape[0]
     cache = init_cache(prior, rows, ctx_seq, ctx_mask)
 
@@ -103,7 +93,9 @@ def sample_codes(
             mutable=["cache"],
         )
         code = _draw(
-            jax.random.fold_in(rng, i), _guided(logits[:, 0], batch, options.guidance), options
+            jax.random.fold_in(rng, i),
+            guidance.combine(logits[:, 0], batch, options.guidance),
+            options,
         )
         token = jnp.tile(code, rows // batch)
         return (mutated["cache"], token), code
@@ -125,7 +117,9 @@ def sample_codes_uncached(
 ) -> jax.Array:
     """The same draws as `sample_codes`, rerunning the whole sequence at every position."""
     batch = text_seq.shape[0]
-    ctx_seq, ctx_mask = _context(text_seq, text_mask, null_seq, null_mask, options.guidance)
+    ctx_seq, ctx_mask = guidance.doubled(
+        (text_seq, text_mask), (null_seq, null_mask), options.guidance
+    )
     rows, n = ctx_seq.shape[0], prior.seq_len
     # buffer[:, :n] is the input [BOS, c_0, ..., c_{n-2}]; c_i is written at i + 1.
     buffer = jnp.full((rows, n + 1), prior.bos, jnp.int32)
@@ -134,7 +128,9 @@ def sample_codes_uncached(
         logits = prior.apply({"params": params}, buffer[:, :n], ctx_seq, ctx_mask)
         row_logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
         code = _draw(
-            jax.random.fold_in(rng, i), _guided(row_logits, batch, options.guidance), options
+            jax.random.fold_in(rng, i),
+            guidance.combine(row_logits, batch, options.guidance),
+            options,
         )
         buffer = jax.lax.dynamic_update_slice(
             buffer, jnp.tile(code, rows // batch)[:, None], (0, i + 1)

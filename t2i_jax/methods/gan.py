@@ -19,21 +19,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
-from t2i_jax import registry
+from t2i_jax.config import choose
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import gan_losses as losses
-from t2i_jax.methods.base import TrainState, ema_update
-from t2i_jax.methods.text_conditioning import TextConditioner
+from t2i_jax.methods.base import (
+    Frozen,
+    Method,
+    SampleOption,
+    TrainState,
+    gradient_update,
+    next_state,
+)
 from t2i_jax.nets.gan_heads import CONDITIONINGS
-from t2i_jax.text.assets import TextSide
-from t2i_jax.train.optim import make_optimizer
+from t2i_jax.nets.gan_networks import GAN_NETWORKS, build_gan_networks
+from t2i_jax.optim import make_optimizer
+from t2i_jax.text.setup import TextSetup
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The `gan` section's values, as one-line ConfigErrors (before any run starts)."""
     gc = config.gan
+    choose(GAN_NETWORKS, gc.network, "gan.network")
     if gc.objective not in losses.OBJECTIVES:
         raise ConfigError(f"unknown gan.objective '{gc.objective}'; choose {losses.OBJECTIVES}")
     if gc.conditioning not in CONDITIONINGS:
@@ -54,26 +61,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("gan.truncation needs gan.network=stylegan2 (a mapping network)")
 
 
-class GAN:
-    """The GAN family behind the `Method` protocol."""
+class GAN(Method):
+    """The GAN family."""
 
     curves = ("d_loss", "g_loss")
+    sample_options = (
+        SampleOption("truncation", float, "truncation psi (stylegan2; 1: off)", "gan.truncation"),
+    )
 
-    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
-        self.config = config
-        self.gc = gc = config.gan
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
         check_config(config)
-        self.text = TextConditioner(text)
-        self.generator, self.discriminator = registry.build_gan_networks(config)
-        self.g_optimizer = make_optimizer(
-            config.optim, config.train.steps, frozen=self.text.frozen_patterns
-        )
+
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
+        check_config(config)
+        super().__init__(config, text)
+        self.gc = gc = config.gan
+        self.generator, self.discriminator = build_gan_networks(gc, config.data.image_size)
+        self.g_optimizer = make_optimizer(config.optim, config.train.steps)
         # D takes n_critic updates per train step: its schedule spans all of them.
         self.d_optimizer = make_optimizer(config.optim_d, config.train.steps * gc.n_critic)
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, g_params, batch) -> jax.Array:
-        return self.text.features(g_params["text_encoder"], batch).pooled
+    def _text_vector(self, g_params, frozen, batch) -> jax.Array:
+        text_params = self.conditioner.params(g_params, frozen)
+        return self.conditioner.features(text_params, batch).pooled
 
     def _generate(self, g_params, z, t, rng, *, train: bool) -> jax.Array:
         return self.generator.apply(
@@ -86,25 +98,19 @@ class GAN:
     def _z(self, rng, batch_size: int) -> jax.Array:
         return jax.random.normal(rng, (batch_size, self.gc.z_dim), jnp.float32)
 
-    # -- Method protocol -----------------------------------------------------------------
-    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+    # -- the contract --------------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: dict, frozen: Frozen | None = None) -> TrainState:
         k_text, k_g, k_d, k_noise = jax.random.split(rng, 4)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        text_params = self.text.init(k_text, tokens, mask)
-        t = self.text.encode(text_params, tokens, mask).pooled
+        g = self.conditioner.init(k_text, tokens, mask)
+        t = self.conditioner.encode(self.conditioner.params(g, frozen), tokens, mask).pooled
         z = self._z(k_noise, image.shape[0])
-        g_net = self.generator.init({"params": k_g, "noise": k_noise}, z, t)["params"]
-        d_net = self.discriminator.init(k_d, image, t)["params"]
-        g = {"text_encoder": text_params, "net": g_net}
-        d = {"net": d_net}
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params={"generator": g, "discriminator": d},
-            ema_params={"generator": g},
-            opt_state={
-                "generator": self.g_optimizer.init(g),
-                "discriminator": self.d_optimizer.init(d),
-            },
+        g["net"] = self.generator.init({"params": k_g, "noise": k_noise}, z, t)["params"]
+        d = {"net": self.discriminator.init(k_d, image, t)["params"]}
+        return TrainState.create(
+            {"generator": g, "discriminator": d},
+            {"generator": self.g_optimizer, "discriminator": self.d_optimizer},
+            ema=["generator"],
         )
 
     def discriminator_loss(self, d_params, g_params, batch, t, rng, step):
@@ -150,51 +156,52 @@ class GAN:
         }
         return total, metrics
 
-    def generator_loss(self, g_params, d_params, batch, rng):
+    def generator_loss(self, g_params, d_params, frozen, batch, rng):
         k_z, k_noise = jax.random.split(rng)
-        t = self._text_vector(g_params, batch)
+        t = self._text_vector(g_params, frozen, batch)
         fake = self._generate(g_params, self._z(k_z, t.shape[0]), t, k_noise, train=True)
         # The text encoder learns through G's conditioning only: a gradient through D's
         # text input would let it move text vectors to where D accepts fakes.
         logits = self._discriminate(d_params, fake, jax.lax.stop_gradient(t))
-        return jnp.mean(losses.g_loss(self.gc.objective, logits))
+        return jnp.mean(losses.g_loss(self.gc.objective, logits)), None
 
-    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+    def train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ):
         g_params = state.params["generator"]
         k_d, k_g = jax.random.split(rng)
-        t = jax.lax.stop_gradient(self._text_vector(g_params, batch))
+        t = jax.lax.stop_gradient(self._text_vector(g_params, frozen, batch))
 
-        def d_update(carry, key):
-            d_params, d_opt = carry
-            (_, metrics), grads = jax.value_and_grad(self.discriminator_loss, has_aux=True)(
-                d_params, g_params, batch, t, key, state.step
-            )
-            updates, d_opt = self.d_optimizer.update(grads, d_opt, d_params)
-            metrics["d_grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(d_params, updates), d_opt), metrics
-
-        carry = (state.params["discriminator"], state.opt_state["discriminator"])
+        d_params, d_opt = state.params["discriminator"], state.opt_state["discriminator"]
         for key in jax.random.split(k_d, self.gc.n_critic):  # n_critic is small and static
-            carry, d_metrics = d_update(carry, key)
-        d_params, d_opt = carry
-        g_loss, g_grads = jax.value_and_grad(self.generator_loss)(g_params, d_params, batch, k_g)
-        updates, g_opt = self.g_optimizer.update(g_grads, state.opt_state["generator"], g_params)
-        g_params = optax.apply_updates(g_params, updates)
-        new_state = state.replace(
-            step=state.step + 1,
-            params={"generator": g_params, "discriminator": d_params},
-            ema_params={
-                "generator": ema_update(
-                    state.ema_params["generator"], g_params, state.step, self.config.optim.ema
-                )
-            },
-            opt_state={"generator": g_opt, "discriminator": d_opt},
+            d = gradient_update(
+                self.discriminator_loss, d_params, d_opt, self.d_optimizer,
+                g_params, batch, t, key, state.step,
+            )  # fmt: skip
+            d_params, d_opt = d.params, d.opt_state
+        g = gradient_update(
+            self.generator_loss, g_params, state.opt_state["generator"], self.g_optimizer,
+            d_params, frozen, batch, k_g,
+        )  # fmt: skip
+        new_state = next_state(
+            state,
+            {"generator": g.params, "discriminator": d_params},
+            {"generator": g.opt_state, "discriminator": d_opt},
+            self.config.optim.ema,
         )
-        metrics = dict(d_metrics)  # the last critic update's
-        metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads))
+        metrics = dict(d.aux, d_grad_norm=d.grad_norm)  # the last critic update's
+        metrics.update(g_loss=g.loss, g_grad_norm=g.grad_norm)
         return new_state, metrics
 
-    def sample(self, params, text: dict, rng: jax.Array, *, truncation: float | None = None):
+    def sample(
+        self,
+        params,
+        captions: dict,
+        rng: jax.Array,
+        frozen: Frozen | None = None,
+        *,
+        truncation: float | None = None,
+    ):
         """Images in [-1, 1] from G (the EMA params the loop passes).
 
         truncation psi (StyleGAN2-style generator only): w = c + psi (w - c), where c is the
@@ -202,7 +209,8 @@ class GAN:
         """
         psi = self.gc.truncation if truncation is None else truncation
         g_params = params["generator"]
-        t = self.text.encode(g_params["text_encoder"], text["tokens"], text["mask"]).pooled
+        text_params = self.conditioner.params(g_params, frozen)
+        t = self.conditioner.encode(text_params, captions["tokens"], captions["mask"]).pooled
         k_z, k_noise, k_centre = jax.random.split(rng, 3)
         z = self._z(k_z, t.shape[0])
         if psi == 1.0:

@@ -1,11 +1,12 @@
 """Latent diffusion: the diffusion method over the latents of a trained, frozen VAE.
 
 `ldm.autoencoder` names the workdir of a finished `vae` run with `vae.conditional=False`
-(text enters through the UNet only, as in Stable Diffusion). Its latest checkpoint's EMA
-encoder and decoder are stored in this run's params under "autoencoder" when the run
-starts, frozen by the optimizer mask. The VAE run's directory is still read whenever the
-method is built (train, resume, sample, eval: its config.json gives the networks' shapes,
-and it is checked before anything is written), so it must stay where the config says.
+(text enters through the UNet only, as in Stable Diffusion). When this run starts, that
+run's latest EMA encoder and decoder become this run's frozen weights ("autoencoder"),
+stored once in its frozen store (runs/frozen_store.py), never in its train state. The VAE
+run's config.json is still read whenever the method is built (it gives the networks'
+shapes, and it is checked before anything is written), so that folder must stay where
+the config says.
 
 Everything else is `Diffusion`: the same UNet, schedules, v/eps targets, caption dropout,
 samplers and guidance, denoising latents z = latent_scale * E[q(z | x)] of shape
@@ -21,19 +22,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2i_jax import config as config_lib
+from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.errors import ConfigError, UserError
+from t2i_jax.methods.base import Frozen
 from t2i_jax.methods.diffusion import Diffusion
-from t2i_jax.text.assets import TextSide
-from t2i_jax.train import sharding
+from t2i_jax.methods.vae import VAE
+from t2i_jax.text.setup import TextSetup
 
-AUTOENCODER_PATTERN = "autoencoder/.*"
+AUTOENCODER = "autoencoder"  # its name in the frozen weights
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_autoencoder(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Before a run creates anything: the autoencoder run exists, has a checkpoint, and is a
-    text-free VAE of this run's image size."""
-    from t2i_jax import config as config_lib
-
+    text-free VAE of this run's image size. Returns the VAE run's config."""
     workdir = config.ldm.autoencoder
     if not workdir:
         raise ConfigError("ldm.autoencoder must name the workdir of a trained VAE run")
@@ -65,27 +67,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("diffusion.clip_denoised must be False: latents are not in [-1, 1]")
     if not config.ldm.latent_scale > 0:
         raise ConfigError(f"ldm.latent_scale must be positive, got {config.ldm.latent_scale}")
-
-
-def load_autoencoder(workdir: str):
-    """(VAE method, EMA params {"encoder", "decoder"} on the host) of a finished VAE run."""
-    from t2i_jax.eval.sample import load_run
-
-    try:
-        _, _, method, state = load_run(workdir)
-    except UserError as e:
-        raise UserError(f"ldm.autoencoder: {e}") from None
-    model = sharding.to_host(state.ema_params["model"])  # also across processes
-    return method, {"encoder": model["encoder"], "decoder": model["decoder"]}
+    return vae
 
 
 class LatentDiffusion(Diffusion):
-    """Diffusion on a frozen VAE's latents, behind the `Method` protocol."""
+    """Diffusion on a frozen VAE's latents."""
 
-    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
-        check_config(config)
-        # Host copies: `init` places them with the rest of the state.
-        self.vae, self.vae_params = load_autoencoder(config.ldm.autoencoder)
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().check_config(config)
+        check_autoencoder(config)
+
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
+        vae_config = check_autoencoder(config)
+        # Text-free: the VAE reads no caption, so this run's text setup serves it.
+        self.vae = VAE(vae_config, text)
         self.scale = config.ldm.latent_scale
         super().__init__(config, text)
         self.sample_shape = tuple(self.vae.latent_shape)
@@ -93,12 +89,20 @@ class LatentDiffusion(Diffusion):
     def unet_fields(self) -> dict:
         return {**self.config.model.to_dict(), "out_channels": self.vae.latent_shape[-1]}
 
-    def frozen_patterns(self) -> list[str]:
-        return [AUTOENCODER_PATTERN]
+    def load_frozen(self) -> Frozen:
+        """The VAE run's latest EMA encoder and decoder (host arrays), and a frozen text
+        encoder's params if any."""
+        workdir = self.config.ldm.autoencoder
+        try:
+            state = read_latest_arrays(f"{workdir}/checkpoints")
+        except UserError as e:
+            raise UserError(f"ldm.autoencoder: {e}") from None
+        model = state["ema_params"]["model"]
+        autoencoder = {"encoder": model["encoder"], "decoder": model["decoder"]}
+        return {**super().load_frozen(), AUTOENCODER: autoencoder}
 
     def latents(self, autoencoder, image: jax.Array) -> jax.Array:
         """latent_scale * posterior mean of the frozen VAE, [B, h, w, c]."""
-        autoencoder = jax.lax.stop_gradient(autoencoder)
         mean, _ = self.vae.posterior(autoencoder, image, None)
         return self.scale * mean
 
@@ -107,20 +111,26 @@ class LatentDiffusion(Diffusion):
         return jnp.clip(mean, -1.0, 1.0)
 
     # -- Diffusion, on latents ------------------------------------------------------------
-    def init_model(self, rng: jax.Array, batch: dict) -> dict:
-        autoencoder = jax.tree.map(jnp.asarray, self.vae_params)
-        latents = self.latents(autoencoder, batch["image"])
-        model = super().init_model(rng, {**batch, "image": latents})
-        return {**model, "autoencoder": autoencoder}
+    def init_model(self, rng: jax.Array, batch: dict, frozen: Frozen | None) -> dict:
+        latents = self.latents(frozen[AUTOENCODER], batch["image"])
+        return super().init_model(rng, {**batch, "image": latents}, frozen)
 
-    def loss_terms(self, params, batch: dict, rng: jax.Array, *, train: bool = True):
-        latents = self.latents(params["autoencoder"], batch["image"])
-        return super().loss_terms(params, {**batch, "image": latents}, rng, train=train)
+    def loss_terms(
+        self,
+        params,
+        batch: dict,
+        rng: jax.Array,
+        frozen: Frozen | None = None,
+        *,
+        train: bool = True,
+    ):
+        latents = self.latents(frozen[AUTOENCODER], batch["image"])
+        return super().loss_terms(params, {**batch, "image": latents}, rng, frozen, train=train)
 
-    def finish(self, model, x0: jax.Array) -> jax.Array:
-        return self.decode(model["autoencoder"], x0)
+    def finish(self, frozen: Frozen | None, x0: jax.Array) -> jax.Array:
+        return self.decode(frozen[AUTOENCODER], x0)
 
-    def reconstruct(self, params, batch: dict) -> jax.Array:
+    def reconstruct(self, params, batch: dict, frozen: Frozen | None = None) -> jax.Array:
         """The frozen VAE's reconstructions (what the latents can hold at best)."""
-        autoencoder = params["model"]["autoencoder"]
+        autoencoder = frozen[AUTOENCODER]
         return self.decode(autoencoder, self.latents(autoencoder, batch["image"]))

@@ -1,10 +1,10 @@
 """A method's view of its text encoder: init, encode, cached features, the empty caption.
 
 Every family conditions on text the same way, so this is shared rather than written per
-method: the encoder's params sit under "text_encoder" in the network's params (frozen by
-the optimizer mask `FROZEN_PATTERN` when the TextSide says so), a frozen encoder's features
-may come from the batch (the feature cache), and classifier-free guidance's dropped
-captions become the tokenizer's empty caption.
+method: a trained encoder's params sit under "text_encoder" in a player's params; a frozen
+one's are the frozen weights' "text_encoder" (never in the train state), and its features
+may come from the batch (the feature cache); classifier-free guidance's dropped captions
+become the tokenizer's empty caption.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from t2i_jax.text.assets import TextSide
+from t2i_jax.errors import CheckpointError
 from t2i_jax.text.features import TextFeatures
+from t2i_jax.text.setup import TextSetup
 
-FROZEN_PATTERN = "text_encoder/.*"  # The optimizer mask's pattern for a frozen encoder.
+NAME = "text_encoder"  # its key in a player's params, or in the frozen weights
 
 
 def with_sequence(feats: TextFeatures) -> TextFeatures:
@@ -40,29 +41,45 @@ def _select(drop: jax.Array, null: jax.Array, x: jax.Array) -> jax.Array:
 
 
 class TextConditioner:
-    """Wraps a `TextSide` for use inside a method's pure functions."""
+    """Wraps a `TextSetup` for use inside a method's pure functions."""
 
-    def __init__(self, text: TextSide):
-        self.text = text
-        self.encoder = text.encoder
+    def __init__(self, setup: TextSetup):
+        self.setup = setup
+        self.encoder = setup.encoder
         self.null_tokens, self.null_mask = (
-            jnp.asarray(a) for a in text.tokenizer.empty(text.max_len)
+            jnp.asarray(a) for a in setup.tokenizer.empty(setup.max_len)
         )
 
     @property
-    def frozen_patterns(self) -> list[str]:
-        return [FROZEN_PATTERN] if self.text.frozen else []
+    def frozen(self) -> bool:
+        return self.setup.frozen
 
-    def init(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array):
-        """The encoder's params: the pretrained ones if any, else a random init."""
-        if self.text.pretrained is not None:
-            return jax.tree.map(jnp.asarray, self.text.pretrained)
-        return self.encoder.init(rng, tokens, mask, train=False)["params"]
+    def load_frozen(self) -> dict:
+        """{"text_encoder": pretrained params} for a frozen encoder, else {}."""
+        if not self.frozen:
+            return {}
+        if self.setup.pretrained is None:
+            raise CheckpointError(
+                f"the frozen {self.setup.name} text encoder's weights are not in this run's "
+                "frozen store (runs/frozen_store.py); start the run from its config again"
+            )
+        return {NAME: self.setup.pretrained}
+
+    def init(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array) -> dict:
+        """{"text_encoder": params} to add to a player's trained params ({} when frozen):
+        the pretrained ones when fine-tuning, else a random init."""
+        if self.frozen:
+            return {}
+        if self.setup.pretrained is not None:
+            return {NAME: jax.tree.map(jnp.asarray, self.setup.pretrained)}
+        return {NAME: self.encoder.init(rng, tokens, mask, train=False)["params"]}
+
+    def params(self, trained: dict, frozen: dict | None):
+        """The encoder's params: from the frozen weights or from a player's params."""
+        return (frozen or {})[NAME] if self.frozen else trained[NAME]
 
     def encode(self, params, tokens, mask, *, train=False, rng=None) -> TextFeatures:
         """TextFeatures (always with a sequence) of token ids; `params` are the encoder's."""
-        if self.text.frozen:  # The optimizer mask zeroes its update; skip its gradient too.
-            params = jax.lax.stop_gradient(params)
         rngs = {"dropout": rng} if rng is not None else None
         feats = self.encoder.apply({"params": params}, tokens, mask, train=train, rngs=rngs)
         return with_sequence(feats)

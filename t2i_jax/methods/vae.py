@@ -26,15 +26,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import vae_losses as losses
-from t2i_jax.methods.base import TrainState, ema_update
-from t2i_jax.methods.text_conditioning import TextConditioner
-from t2i_jax.nets.autoencoder import Decoder, Encoder, LatentPrior
-from t2i_jax.text.assets import TextSide
-from t2i_jax.train.optim import make_optimizer
+from t2i_jax.methods.base import (
+    Frozen,
+    Method,
+    SampleOption,
+    TrainState,
+    gradient_update,
+    next_state,
+)
+from t2i_jax.nets.autoencoder import LatentPrior, encoder_decoder, latent_side
+from t2i_jax.optim import make_optimizer
+from t2i_jax.text.setup import TextSetup
 
 PRIORS = ("learned", "standard")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.'s threshold on Cov_x(E_q[z_d])
@@ -42,16 +47,11 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.'s threshold on Cov_x(E_q[z_d])
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     vc = config.vae
+    latent_side(config.data.image_size, vc.channel_mults, "vae.channel_mults")
     if vc.likelihood not in losses.LIKELIHOODS:
         raise ConfigError(f"unknown vae.likelihood '{vc.likelihood}'; choose {losses.LIKELIHOODS}")
     if vc.prior not in PRIORS:
         raise ConfigError(f"unknown vae.prior '{vc.prior}'; choose {PRIORS}")
-    downsample = 2 ** (len(vc.channel_mults) - 1)
-    if config.data.image_size % downsample:
-        raise ConfigError(
-            f"data.image_size={config.data.image_size} is not divisible by {downsample} "
-            f"({len(vc.channel_mults)} levels in vae.channel_mults)"
-        )
     if not vc.conditional and vc.prior != "standard":
         raise ConfigError(
             "vae.conditional=False needs vae.prior=standard (a learned prior reads the text)"
@@ -60,163 +60,175 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"vae.gaussian_sigma must be positive, got {vc.gaussian_sigma}")
 
 
-def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    vc = config.vae
-    side = config.data.image_size // 2 ** (len(vc.channel_mults) - 1)
-    return (side, side, vc.latent_channels)
+class VAE(Method):
+    """The conditional VAE."""
 
+    curves = ("loss", "recon", "kl")  # training losses; an instance adds validation's
+    sample_options = (
+        SampleOption("temperature", float, "scale of the prior's std", "vae.sample_temperature"),
+    )
 
-class VAE:
-    """The conditional VAE behind the `Method` protocol."""
-
-    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
         check_config(config)
-        self.config = config
+
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
+        check_config(config)
+        super().__init__(config, text)
         self.vc = vc = config.vae
         # Plotted and shown by the loop; validation's bits/dim needs the logistic.
         val = "val_bits_per_dim" if vc.likelihood == "logistic" else "val_nelbo"
-        self.curves = ("loss", "recon", "kl", val)
-        self.text = TextConditioner(text)
-        self.latent_shape = latent_shape(config)
-        net = dict(channels=vc.channels, channel_mults=tuple(vc.channel_mults))
-        net.update(num_res_blocks=vc.num_res_blocks)
-        self.encoder = Encoder(**net, out_channels=2 * vc.latent_channels)
+        self.curves = (*VAE.curves, val)
+        side = latent_side(config.data.image_size, vc.channel_mults, "vae.channel_mults")
+        self.latent_shape = (side, side, vc.latent_channels)
         out = 6 if vc.likelihood == "logistic" else 3  # (mean, log-scale) or the mean
-        self.decoder = Decoder(**net, out_channels=out)
+        self.encoder, self.decoder = encoder_decoder(vc, 2 * vc.latent_channels, out)
         self.prior = LatentPrior(self.latent_shape, vc.prior_hidden)
-        # An unconditional VAE has no text encoder params to freeze.
-        frozen = self.text.frozen_patterns if vc.conditional else []
-        self.optimizer = make_optimizer(config.optim, config.train.steps, frozen=frozen)
+        self.optimizer = make_optimizer(config.optim, config.train.steps)
+
+    def load_frozen(self) -> Frozen:
+        # An unconditional VAE reads no caption: no text encoder at all.
+        return super().load_frozen() if self.vc.conditional else {}
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, model, batch, *, train=False, rng=None) -> jax.Array | None:
+    def _text_vector(self, model, frozen, batch, *, train=False, rng=None) -> jax.Array | None:
         """The caption's pooled vector; None for an unconditional VAE (vae.conditional)."""
         if not self.vc.conditional:
             return None
-        return self.text.features(model["text_encoder"], batch, train=train, rng=rng).pooled
+        text_params = self.conditioner.params(model, frozen)
+        return self.conditioner.features(text_params, batch, train=train, rng=rng).pooled
 
-    def posterior(self, model, image, t) -> tuple[jax.Array, jax.Array]:
-        """q(z | x, t): (mean, logvar), each [B, *latent_shape]."""
-        h = self.encoder.apply({"params": model["encoder"]}, image, t)
+    def posterior(self, model, image, cond) -> tuple[jax.Array, jax.Array]:
+        """q(z | x, cond): (mean, logvar), each [B, *latent_shape]."""
+        h = self.encoder.apply({"params": model["encoder"]}, image, cond)
         return jnp.split(h, 2, axis=-1)
 
-    def prior_params(self, model, t, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    def prior_params(self, model, cond, batch_size: int) -> tuple[jax.Array, jax.Array]:
         if self.vc.prior == "standard":
             zeros = jnp.zeros((batch_size, *self.latent_shape), jnp.float32)
             return zeros, zeros
-        return self.prior.apply({"params": model["prior"]}, t)
+        return self.prior.apply({"params": model["prior"]}, cond)
 
-    def decode(self, model, z, t) -> tuple[jax.Array, jax.Array | None]:
-        """p(x | z, t): (mean, log-scale) for logistic, (mean, None) for gaussian."""
-        out = self.decoder.apply({"params": model["decoder"]}, z, t)
+    def decode(self, model, z, cond) -> tuple[jax.Array, jax.Array | None]:
+        """p(x | z, cond): (mean, log-scale) for logistic, (mean, None) for gaussian."""
+        out = self.decoder.apply({"params": model["decoder"]}, z, cond)
         if self.vc.likelihood == "logistic":
             return out[..., :3], out[..., 3:]
         return out, None
 
     def log_likelihood(self, image, mean, log_scale) -> jax.Array:
-        """log p(x | z, t) per example [B], in nats."""
+        """log p(x | z, cond) per example [B], in nats."""
         if self.vc.likelihood == "logistic":
             per_value = losses.discretized_logistic_log_prob(image, mean, log_scale)
         else:
             per_value = losses.gaussian_log_prob(image, mean, jnp.log(self.vc.gaussian_sigma))
         return jnp.sum(per_value, axis=(1, 2, 3))
 
-    # -- Method protocol -----------------------------------------------------------------
-    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+    # -- the contract --------------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: dict, frozen: Frozen | None = None) -> TrainState:
         k_text, k_enc, k_dec, k_prior = jax.random.split(rng, 4)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        model, t = {}, None
+        model, cond = {}, None
         if self.vc.conditional:
-            model["text_encoder"] = self.text.init(k_text, tokens, mask)
-            t = self.text.encode(model["text_encoder"], tokens, mask).pooled
+            model.update(self.conditioner.init(k_text, tokens, mask))
+            text_params = self.conditioner.params(model, frozen)
+            cond = self.conditioner.encode(text_params, tokens, mask).pooled
         z = jnp.zeros((image.shape[0], *self.latent_shape), jnp.float32)
-        model["encoder"] = self.encoder.init(k_enc, image, t)["params"]
-        model["decoder"] = self.decoder.init(k_dec, z, t)["params"]
+        model["encoder"] = self.encoder.init(k_enc, image, cond)["params"]
+        model["decoder"] = self.decoder.init(k_dec, z, cond)["params"]
         if self.vc.prior == "learned":
-            model["prior"] = self.prior.init(k_prior, t)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params={"model": model},
-            ema_params={"model": model},
-            opt_state={"model": self.optimizer.init(model)},
-        )
+            model["prior"] = self.prior.init(k_prior, cond)["params"]
+        return TrainState.create({"model": model}, {"model": self.optimizer})
 
     def loss_terms(
-        self, model, batch: dict, rng: jax.Array, *, train: bool = True
+        self,
+        model,
+        batch: dict,
+        rng: jax.Array,
+        frozen: Frozen | None = None,
+        *,
+        train: bool = True,
     ) -> dict[str, jax.Array]:
         """Per-example ELBO terms [B] in nats (vdm style: the caller weighs and reduces),
         plus the posterior means [B, ...] for the active-unit count."""
         image = batch["image"]
         k_z, k_text = jax.random.split(rng)
-        t = self._text_vector(model, batch, train=train, rng=k_text)
-        mean_q, logvar_q = self.posterior(model, image, t)
+        cond = self._text_vector(model, frozen, batch, train=train, rng=k_text)
+        mean_q, logvar_q = self.posterior(model, image, cond)
         z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(k_z, mean_q.shape)
-        mean_x, log_scale = self.decode(model, z, t)
-        mean_p, logvar_p = self.prior_params(model, t, image.shape[0])
+        mean_x, log_scale = self.decode(model, z, cond)
+        mean_p, logvar_p = self.prior_params(model, cond, image.shape[0])
         kl = losses.gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
         recon = -self.log_likelihood(image, mean_x, log_scale)
         return {"recon": recon, "kl": kl, "posterior_mean": mean_q}
 
-    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+    def train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ):
         vc = self.vc
         weight = losses.kl_weight(state.step, vc.beta, vc.kl_warmup_steps)
 
         def loss_fn(model):
-            terms = self.loss_terms(model, batch, rng)
+            terms = self.loss_terms(model, batch, rng, frozen)
             kl_floored = losses.free_bits_kl(terms["kl"], vc.free_bits)
             return jnp.mean(terms["recon"] + weight * kl_floored), terms
 
-        model = state.params["model"]
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(model)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state["model"], model)
-        model = optax.apply_updates(model, updates)
-        params = {"model": model}
+        update = gradient_update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        )
+        terms = update.aux
         recon = jnp.mean(terms["recon"])
         kl = jnp.mean(jnp.sum(terms["kl"].reshape(terms["kl"].shape[0], -1), axis=1))
         dims = batch["image"][0].size
         metrics = {
-            "loss": loss,
+            "loss": update.loss,
             "recon": recon,
             "kl": kl,
             "nelbo": recon + kl,
             "kl_weight": weight,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": update.grad_norm,
         }
         if vc.likelihood == "logistic":
             metrics["bits_per_dim"] = losses.bits_per_dim(recon + kl, dims)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            ema_params=ema_update(state.ema_params, params, state.step, self.config.optim.ema),
-            opt_state={"model": opt_state},
+        new_state = next_state(
+            state, {"model": update.params}, {"model": update.opt_state}, self.config.optim.ema
         )
         return new_state, metrics
 
     def sample(
-        self, params, text: dict, rng: jax.Array, *, temperature: float | None = None
+        self,
+        params,
+        captions: dict,
+        rng: jax.Array,
+        frozen: Frozen | None = None,
+        *,
+        temperature: float | None = None,
     ) -> jax.Array:
-        """z ~ p(z | t) with its std scaled by `temperature`, decoded to the likelihood's
+        """z ~ p(z | cond) with its std scaled by `temperature`, decoded to the likelihood's
         mean (the logistic's location), clipped to [-1, 1]."""
         temperature = self.vc.sample_temperature if temperature is None else temperature
         model = params["model"]
-        t = None  # an unconditional VAE ignores the captions
+        cond = None  # an unconditional VAE ignores the captions
         if self.vc.conditional:
-            t = self.text.encode(model["text_encoder"], text["tokens"], text["mask"]).pooled
-        mean_p, logvar_p = self.prior_params(model, t, text["tokens"].shape[0])
+            text_params = self.conditioner.params(model, frozen)
+            cond = self.conditioner.encode(text_params, captions["tokens"], captions["mask"]).pooled
+        mean_p, logvar_p = self.prior_params(model, cond, captions["tokens"].shape[0])
         z = mean_p + temperature * jnp.exp(0.5 * logvar_p) * jax.random.normal(rng, mean_p.shape)
-        return jnp.clip(self.decode(model, z, t)[0], -1.0, 1.0)
+        return jnp.clip(self.decode(model, z, cond)[0], -1.0, 1.0)
 
-    def reconstruct(self, params, batch: dict) -> jax.Array:
+    def reconstruct(self, params, batch: dict, frozen: Frozen | None = None) -> jax.Array:
         """Images decoded from the posterior mean of each image, clipped to [-1, 1]."""
         model = params["model"]
-        t = self._text_vector(model, batch)
-        mean_q, _ = self.posterior(model, batch["image"], t)
-        return jnp.clip(self.decode(model, mean_q, t)[0], -1.0, 1.0)
+        cond = self._text_vector(model, frozen, batch)
+        mean_q, _ = self.posterior(model, batch["image"], cond)
+        return jnp.clip(self.decode(model, mean_q, cond)[0], -1.0, 1.0)
 
     # -- validation (run by the loop) ----------------------------------------------------
-    def validation_stats(self, params, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    def validation_stats(
+        self, params, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ) -> dict[str, jax.Array]:
         """Sums over the batch, to be added across batches, then `validation_metrics`."""
-        terms = self.loss_terms(params["model"], batch, rng, train=False)
+        terms = self.loss_terms(params["model"], batch, rng, frozen, train=False)
         mean_q = terms["posterior_mean"].reshape(terms["recon"].shape[0], -1)
         kl = jnp.sum(terms["kl"].reshape(mean_q.shape[0], -1), axis=1)
         return {

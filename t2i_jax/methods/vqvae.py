@@ -7,9 +7,9 @@ Networks ("model"):
   text_encoder       the run's text encoder, trained by the prior's loss
   prior              causal transformer over the flattened code grid with cross-attention
                      onto the caption (`nets/code_prior.py`)
-  lpips              only with vqvae.perceptual_weight > 0: LPIPS-vgg's backbone (read from
-                     vqvae.perceptual_backbone, torchvision's VGG16 file), frozen, stored
-                     with the run like any parameter (its linear layers ship with t2i_jax)
+Frozen weights ("lpips"): only with vqvae.perceptual_weight > 0, LPIPS-vgg's backbone
+(read from vqvae.perceptual_backbone, torchvision's VGG16 file, into the run's frozen
+store; its linear layers ship with t2i_jax)
 
 One train step updates both stages: the autoencoder on
   ||x - dec(z_q)||^2 (mean per value) + commitment * ||z_e - sg(e)||^2
@@ -37,18 +37,24 @@ import optax
 
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import vector_quantizer as vq
-from t2i_jax.methods.base import TrainState, ema_update
+from t2i_jax.methods.base import (
+    Frozen,
+    Method,
+    SampleOption,
+    TrainState,
+    gradient_update,
+    next_state,
+)
 from t2i_jax.methods.code_sampling import SamplingOptions, check_options, sample_codes
-from t2i_jax.methods.text_conditioning import TextConditioner
-from t2i_jax.metrics import lpips
-from t2i_jax.nets.autoencoder import Decoder, Encoder
+from t2i_jax.nets import lpips
+from t2i_jax.nets.autoencoder import encoder_decoder, latent_side
 from t2i_jax.nets.code_prior import CodePrior
-from t2i_jax.nets.lpips_backbones import TORCHVISION_FILES
-from t2i_jax.text.assets import TextSide
-from t2i_jax.train.optim import make_optimizer
+from t2i_jax.nets.lpips_backbones import TORCHVISION_FILES, backbone_params
+from t2i_jax.optim import make_optimizer
+from t2i_jax.text.setup import TextSetup
 
 CODEBOOK_PATTERN = "codebook/.*"  # EMA-updated, never by the optimizer
-LPIPS_PATTERN = "lpips/.*"  # the perceptual loss's network: a constant
+LPIPS = "lpips"  # the perceptual loss's network in the frozen weights
 
 
 def perceptual_weight(vc: ml_collections.ConfigDict) -> float:
@@ -57,12 +63,7 @@ def perceptual_weight(vc: ml_collections.ConfigDict) -> float:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     vc = config.vqvae
-    downsample = 2 ** (len(vc.channel_mults) - 1)
-    if config.data.image_size % downsample:
-        raise ConfigError(
-            f"data.image_size={config.data.image_size} is not divisible by {downsample} "
-            f"({len(vc.channel_mults)} levels in vqvae.channel_mults)"
-        )
+    latent_side(config.data.image_size, vc.channel_mults, "vqvae.channel_mults")
     for key in ("num_codes", "code_dim", "prior_width", "prior_depth", "prior_heads"):
         if not isinstance(vc[key], int) or vc[key] < 1:
             raise ConfigError(f"vqvae.{key} must be a positive int, got {vc[key]!r}")
@@ -94,25 +95,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"vqvae.perceptual_backbone: no file at {path} (expected {name})")
 
 
-def grid_side(config: ml_collections.ConfigDict) -> int:
-    return config.data.image_size // 2 ** (len(config.vqvae.channel_mults) - 1)
-
-
-class VQVAE:
-    """VQ-VAE + code prior behind the `Method` protocol."""
+class VQVAE(Method):
+    """VQ-VAE + code prior."""
 
     curves = ("recon", "prior_loss", "perplexity")
+    sample_options = (
+        SampleOption(
+            "temperature", float, "prior softmax temperature (0: greedy)", "vqvae.temperature"
+        ),
+        SampleOption("top_k", int, "prior: keep the k most likely codes (0: all)", "vqvae.top_k"),
+        SampleOption("top_p", float, "prior: nucleus mass (1: all)", "vqvae.top_p"),
+        SampleOption("guidance", float, "prior: classifier-free guidance scale", "vqvae.guidance"),
+    )
 
-    def __init__(self, config: ml_collections.ConfigDict, text: TextSide):
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
         check_config(config)
-        self.config = config
+
+    def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
+        check_config(config)
+        super().__init__(config, text)
         self.vc = vc = config.vqvae
-        self.text = TextConditioner(text)
-        self.side = grid_side(config)
-        net = dict(channels=vc.channels, channel_mults=tuple(vc.channel_mults))
-        net.update(num_res_blocks=vc.num_res_blocks)
-        self.encoder = Encoder(**net, out_channels=vc.code_dim)
-        self.decoder = Decoder(**net, out_channels=3)
+        self.side = latent_side(config.data.image_size, vc.channel_mults, "vqvae.channel_mults")
+        self.encoder, self.decoder = encoder_decoder(vc, vc.code_dim, 3)
         self.prior = CodePrior(
             num_codes=vc.num_codes,
             seq_len=self.side * self.side,
@@ -121,14 +126,17 @@ class VQVAE:
             num_heads=vc.prior_heads,
         )
         self.perceptual_weight = perceptual_weight(vc)
-        # Read once here (as latent diffusion reads its VAE): `init` stores it in params.
-        self.lpips = None
+        # LPIPS-vgg's linear layers ship with t2i_jax; its backbone is frozen weights.
+        self.lpips_linear = None
         if self.perceptual_weight > 0:
-            self.lpips = lpips.load_lpips("vgg", backbone_weights=vc.perceptual_backbone)
-        frozen = [*self.text.frozen_patterns, CODEBOOK_PATTERN]
-        if self.lpips is not None:
-            frozen.append(LPIPS_PATTERN)
-        self.optimizer = make_optimizer(config.optim, config.train.steps, frozen=frozen)
+            self.lpips_linear = lpips.load_linear_weights("vgg")
+        self.optimizer = make_optimizer(config.optim, config.train.steps, frozen=[CODEBOOK_PATTERN])
+
+    def load_frozen(self) -> Frozen:
+        frozen = super().load_frozen()
+        if self.lpips_linear is not None:
+            frozen[LPIPS] = backbone_params("vgg", self.vc.perceptual_backbone)
+        return frozen
 
     # -- the autoencoder -----------------------------------------------------------------
     def encode(self, model, image) -> jax.Array:
@@ -155,32 +163,25 @@ class VQVAE:
         tokens = jnp.concatenate([bos, codes[:, :-1]], axis=1)
         return self.prior.apply({"params": model["prior"]}, tokens, feats.seq, feats.mask)
 
-    # -- Method protocol -----------------------------------------------------------------
-    def init(self, rng: jax.Array, batch: dict) -> TrainState:
+    # -- the contract --------------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: dict, frozen: Frozen | None = None) -> TrainState:
         k_text, k_enc, k_dec, k_code, k_prior = jax.random.split(rng, 5)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
-        text_params = self.text.init(k_text, tokens, mask)
-        feats = self.text.encode(text_params, tokens, mask)
+        model = self.conditioner.init(k_text, tokens, mask)
+        text_params = self.conditioner.params(model, frozen)
+        feats = self.conditioner.encode(text_params, tokens, mask)
         encoder = self.encoder.init(k_enc, image)["params"]
         z_e = self.encoder.apply({"params": encoder}, image)
         codes = jnp.zeros((image.shape[0], self.side * self.side), jnp.int32)
-        model = {
-            "text_encoder": text_params,
-            "encoder": encoder,
-            "decoder": self.decoder.init(k_dec, z_e)["params"],
-            "codebook": vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim),
-            "prior": self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
-        }
-        if self.lpips is not None:
-            model["lpips"] = jax.tree.map(jnp.asarray, self.lpips.backbone)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params={"model": model},
-            ema_params={"model": model},
-            opt_state={"model": self.optimizer.init(model)},
+        model.update(
+            encoder=encoder,
+            decoder=self.decoder.init(k_dec, z_e)["params"],
+            codebook=vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim),
+            prior=self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
         )
+        return TrainState.create({"model": model}, {"model": self.optimizer})
 
-    def autoencode(self, model, image) -> dict[str, jax.Array]:
+    def autoencode(self, model, image, frozen: Frozen | None = None) -> dict[str, jax.Array]:
         """Per-example recon (mean squared error), commitment and, when weighted, perceptual
         (LPIPS-vgg) [B], with the codes [B, h*w] and encoder outputs the codebook update
         needs."""
@@ -193,9 +194,9 @@ class VQVAE:
             "codes": codes,
             "z_e": z_e,
         }
-        if self.lpips is not None:
-            params = self.lpips.replace(backbone=jax.lax.stop_gradient(model["lpips"]))
-            terms["perceptual"] = lpips.lpips_distance(params, out, image)
+        if self.lpips_linear is not None:
+            network = lpips.LPIPS(backbone=frozen[LPIPS], linear=self.lpips_linear, net="vgg")
+            terms["perceptual"] = lpips.lpips_distance(network, out, image)
         return terms
 
     def prior_loss(self, model, codes, feats) -> jax.Array:
@@ -204,32 +205,37 @@ class VQVAE:
         logits = self.prior_logits(model, codes, feats)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes), axis=1)
 
-    def loss_terms(self, model, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    def loss_terms(
+        self, model, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ) -> dict[str, jax.Array]:
         """The autoencoder's terms and the prior's, captions dropped with p_uncond."""
-        terms = self.autoencode(model, batch["image"])
+        terms = self.autoencode(model, batch["image"], frozen)
         k_drop, k_text = jax.random.split(rng)
         drop = jax.random.bernoulli(k_drop, self.vc.p_uncond, (batch["image"].shape[0],))
-        feats = self.text.features(model["text_encoder"], batch, drop, train=True, rng=k_text)
+        text_params = self.conditioner.params(model, frozen)
+        feats = self.conditioner.features(text_params, batch, drop, train=True, rng=k_text)
         terms["prior_loss"] = self.prior_loss(model, terms["codes"], feats)
         return terms
 
-    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+    def train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ):
         vc = self.vc
         k_loss, k_restart = jax.random.split(rng)
         prior_on = (state.step >= vc.prior_start).astype(jnp.float32)
 
         def loss_fn(model):
-            terms = self.loss_terms(model, batch, k_loss)
+            terms = self.loss_terms(model, batch, k_loss, frozen)
             loss = terms["recon"] + vc.commitment * terms["commitment"]
             if "perceptual" in terms:
                 loss = loss + self.perceptual_weight * terms["perceptual"]
             loss = jnp.mean(loss + prior_on * terms["prior_loss"])
             return loss, terms
 
-        model = state.params["model"]
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(model)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state["model"], model)
-        model = optax.apply_updates(model, updates)
+        update = gradient_update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        )
+        terms = update.aux
         flat = terms["z_e"].reshape(-1, vc.code_dim)
         codes = terms["codes"].reshape(-1)
         codebook = vq.ema_update(
@@ -238,33 +244,33 @@ class VQVAE:
         codebook, restarted = vq.restart_dead_codes(
             codebook, flat, k_restart, threshold=vc.dead_code_threshold
         )
-        model = {**model, "codebook": codebook}
-        params = {"model": model}
-        ema = ema_update(state.ema_params, params, state.step, self.config.optim.ema)
-        ema = {"model": {**ema["model"], "codebook": codebook}}  # the live codebook
+        model = {**update.params, "codebook": codebook}
+        new_state = next_state(
+            state, {"model": model}, {"model": update.opt_state}, self.config.optim.ema
+        )
+        ema = {"model": {**new_state.ema_params["model"], "codebook": codebook}}  # the live one
+        new_state = new_state.replace(ema_params=ema)
         usage = vq.usage(codes, vc.num_codes)
         metrics = {
-            "loss": loss,
+            "loss": update.loss,
             "recon": jnp.mean(terms["recon"]),
             "commitment": jnp.mean(terms["commitment"]),
             "prior_loss": jnp.mean(terms["prior_loss"]),
             "perplexity": usage["perplexity"],
             "codes_used": usage["codes_used"],
             "codes_restarted": restarted.astype(jnp.float32),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": update.grad_norm,
         }
         if "perceptual" in terms:
             metrics["perceptual"] = jnp.mean(terms["perceptual"])
-        new_state = state.replace(
-            step=state.step + 1, params=params, ema_params=ema, opt_state={"model": opt_state}
-        )
         return new_state, metrics
 
     def sample(
         self,
         params,
-        text: dict,
+        captions: dict,
         rng: jax.Array,
+        frozen: Frozen | None = None,
         *,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -281,26 +287,29 @@ class VQVAE:
         )
         check_options(options, vc.num_codes)
         model = params["model"]
-        feats = self.text.encode(model["text_encoder"], text["tokens"], text["mask"])
-        null = self.text.null(model["text_encoder"], text["tokens"].shape[0])
+        text_params = self.conditioner.params(model, frozen)
+        feats = self.conditioner.encode(text_params, captions["tokens"], captions["mask"])
+        null = self.conditioner.null(text_params, captions["tokens"].shape[0])
         codes = sample_codes(
             self.prior, model["prior"], feats.seq, feats.mask, null.seq, null.mask, rng, options
         )
         return jnp.clip(self.decode_codes(model, codes), -1.0, 1.0)
 
-    def reconstruct(self, params, batch: dict) -> jax.Array:
+    def reconstruct(self, params, batch: dict, frozen: Frozen | None = None) -> jax.Array:
         """Images decoded from each image's own codes, clipped to [-1, 1]."""
         model = params["model"]
         codes, _ = self.quantize(model, self.encode(model, batch["image"]))
         return jnp.clip(self.decode_codes(model, codes), -1.0, 1.0)
 
     # -- validation (run by the loop) ----------------------------------------------------
-    def validation_stats(self, params, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    def validation_stats(
+        self, params, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+    ) -> dict[str, jax.Array]:
         """Sums over the batch; the prior is scored with every caption (none dropped)."""
         del rng  # deterministic: nearest codes, no sampling
         model = params["model"]
-        terms = self.autoencode(model, batch["image"])
-        feats = self.text.features(model["text_encoder"], batch)
+        terms = self.autoencode(model, batch["image"], frozen)
+        feats = self.conditioner.features(self.conditioner.params(model, frozen), batch)
         codes = terms["codes"].reshape(-1)
         stats = {
             "count": jnp.asarray(batch["image"].shape[0], jnp.float32),

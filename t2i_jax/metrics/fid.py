@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax.batching import pad_to
 from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import frechet, image_io
 from t2i_jax.metrics.base import Metric, State
@@ -182,18 +183,6 @@ def fid_of_stats(a: frechet.GaussianStats, b: frechet.GaussianStats, weights: st
     return FidResult(value, a.count, b.count, a.digest(), b.digest(), weights)
 
 
-def _batches_padded(paths: list[str], batch_size: int):
-    """Image batches padded to batch_size by repeating the last image, with the real count.
-
-    One input shape means one compilation for the whole folder.
-    """
-    for batch in image_io.image_batches(paths, batch_size):
-        n = len(batch)
-        if n < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
-        yield batch, n
-
-
 def stats_of_path(
     path: str, inception: FidInception | str | None = None, *, batch_size: int = 50
 ) -> frechet.GaussianStats:
@@ -210,7 +199,9 @@ def stats_of_path(
     batch_size = min(batch_size, len(paths))  # as pytorch-fid
     metric = frechet.gaussian_stats(FEATURE_DIM)
     state = metric.init()
-    for batch, n in _batches_padded(paths, batch_size):
+    for batch in image_io.image_batches(paths, batch_size):
+        # The last batch repeats its last image: one input shape, one compilation.
+        (batch,), n = pad_to([batch], batch_size, fill="edge")
         state = metric.update(state, inception(batch)[0][:n])
     return metric.compute(state)
 

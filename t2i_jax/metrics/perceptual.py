@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax.errors import ConfigError
-from t2i_jax.metrics.lpips import unit_normalize
 from t2i_jax.nets import lpips_backbones
+from t2i_jax.nets.lpips import unit_normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

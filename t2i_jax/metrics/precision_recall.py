@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax.batching import padded_batches
 from t2i_jax.metrics.base import Metric, real_fake_features
 
 
@@ -40,16 +41,6 @@ def _inside_any_block(queries: jax.Array, refs: jax.Array, radii: jax.Array) -> 
     return jnp.any(_squared_distances(queries, refs) <= radii[None, :], axis=1)
 
 
-def _row_blocks(x: np.ndarray, block_size: int):
-    """Blocks of block_size rows (the last one padded with zeros): one compiled shape."""
-    for start in range(0, x.shape[0], block_size):
-        block = x[start : start + block_size]
-        n = block.shape[0]
-        if n < block_size:
-            block = np.concatenate([block, np.zeros((block_size - n, x.shape[1]), x.dtype)])
-        yield start, block, n
-
-
 def knn_radii(features, k: int = 3, *, block_size: int = 1024) -> np.ndarray:
     """Squared distance of each sample to its k-th nearest other sample, [N]."""
     x = np.asarray(features, np.float32)
@@ -57,9 +48,10 @@ def knn_radii(features, k: int = 3, *, block_size: int = 1024) -> np.ndarray:
         raise ValueError(f"need features [N > k={k}, D], got shape {x.shape}")
     block_size = min(block_size, x.shape[0])
     x_dev = jnp.asarray(x)
+    # Blocks of block_size rows, the last one padded with zeros: one compiled shape.
     out = [
         np.asarray(_kth_neighbour_block(jnp.asarray(block), start, x_dev, k))[:n]
-        for start, block, n in _row_blocks(x, block_size)
+        for start, (block,), n in padded_batches([x], block_size, fill="zeros")
     ]
     return np.concatenate(out)
 
@@ -70,7 +62,7 @@ def _coverage(queries: np.ndarray, refs: np.ndarray, radii: np.ndarray, block_si
     refs_dev, radii_dev = jnp.asarray(refs), jnp.asarray(radii)
     inside = [
         np.asarray(_inside_any_block(jnp.asarray(block), refs_dev, radii_dev))[:n]
-        for _, block, n in _row_blocks(queries, block_size)
+        for _, (block,), n in padded_batches([queries], block_size, fill="zeros")
     ]
     return float(np.concatenate(inside).mean())
 

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from t2i_jax.nets.layers import Downsample, ResBlock, Upsample, group_norm
+from t2i_jax.errors import ConfigError
+from t2i_jax.layers import Downsample, ResBlock, Upsample, group_norm
 
 
 def _condition(cond: jax.Array | None, batch: int, dtype) -> jax.Array:
@@ -99,3 +101,27 @@ class LatentPrior(nn.Module):
         mean, logvar = jnp.split(out, 2, axis=-1)
         shape = (text.shape[0], *self.latent_shape)
         return mean.reshape(shape), logvar.reshape(shape)
+
+
+def latent_side(image_size: int, channel_mults, key: str) -> int:
+    """The latent grid's side: one stride-2 level between consecutive channel mults."""
+    downsample = 2 ** (len(channel_mults) - 1)
+    if image_size % downsample:
+        raise ConfigError(
+            f"data.image_size={image_size} is not divisible by {downsample} "
+            f"({len(channel_mults)} levels in {key})"
+        )
+    return image_size // downsample
+
+
+def encoder_decoder(
+    section: ml_collections.ConfigDict, latent_channels: int, out_channels: int
+) -> tuple[Encoder, Decoder]:
+    """The conv encoder (to `latent_channels`) and decoder (to `out_channels`) of a VAE or
+    VQ-VAE config section (channels, channel_mults, num_res_blocks)."""
+    net = dict(
+        channels=section.channels,
+        channel_mults=tuple(section.channel_mults),
+        num_res_blocks=section.num_res_blocks,
+    )
+    return Encoder(**net, out_channels=latent_channels), Decoder(**net, out_channels=out_channels)

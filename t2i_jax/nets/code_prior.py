@@ -13,71 +13,11 @@ steps instead of n full passes. Both paths compute the same function (tested).
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t2i_jax.nets.layers import MultiHeadAttention
-
-
-class CachedCausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention; with `decode`, over a key/value cache."""
-
-    num_heads: int
-    seq_len: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, decode: bool) -> jax.Array:
-        batch, length, width = x.shape
-        head_dim = width // self.num_heads
-        proj = functools.partial(nn.DenseGeneral, (self.num_heads, head_dim), dtype=self.dtype)
-        q, k, v = proj(name="query")(x), proj(name="key")(x), proj(name="value")(x)
-        if decode:
-            shape = (batch, self.seq_len, self.num_heads, head_dim)
-            filled = self.has_variable("cache", "cached_key")
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            if filled:  # Not the cache's creation: append this step's keys and values.
-                start = index.value
-                at = (jnp.zeros_like(start), start, jnp.zeros_like(start), jnp.zeros_like(start))
-                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, at)
-                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
-                index.value = start + length
-                k, v = cached_k.value, cached_v.value
-                query_pos = start + jnp.arange(length)
-                mask = jnp.arange(self.seq_len)[None, :] <= query_pos[:, None]
-            else:
-                mask = jnp.tril(jnp.ones((length, length), bool))
-        else:
-            mask = jnp.tril(jnp.ones((length, length), bool))
-        out = nn.dot_product_attention(q, k, v, mask=mask[None, None], dtype=self.dtype)
-        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
-
-
-class _Block(nn.Module):
-    num_heads: int
-    seq_len: int
-    mlp_ratio: int
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x, context, context_mask, *, decode: bool):
-        width = x.shape[-1]
-        h = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
-        x = x + CachedCausalSelfAttention(
-            self.num_heads, self.seq_len, self.dtype, name="self_attn"
-        )(h, decode=decode)
-        h = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-        x = x + MultiHeadAttention(self.num_heads, width, dtype=self.dtype, name="cross_attn")(
-            h, context, context_mask[:, None, None, :]
-        )
-        h = nn.LayerNorm(dtype=self.dtype, name="norm3")(x)
-        h = nn.Dense(width * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(h)
-        return x + nn.Dense(width, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
+from t2i_jax.layers import TransformerBlock
 
 
 class CodePrior(nn.Module):
@@ -121,9 +61,18 @@ class CodePrior(nn.Module):
         context = nn.LayerNorm(dtype=self.dtype, name="context_norm")(text_seq)
         context = nn.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
         for i in range(self.depth):
-            x = _Block(self.num_heads, self.seq_len, self.mlp_ratio, self.dtype, name=f"block{i}")(
-                x, context, text_mask.astype(bool), decode=decode
-            )
+            x = TransformerBlock(
+                self.num_heads,
+                self.mlp_ratio,
+                causal=True,
+                cross_attention=True,
+                cache_len=self.seq_len,
+                # This self-attention always took its softmax in `dtype`; kept so outputs
+                # stay bitwise the same.
+                self_attn_softmax_fp32=False,
+                dtype=self.dtype,
+                name=f"block{i}",
+            )(x, context=context, context_mask=text_mask.astype(bool), decode=decode)
         x = nn.LayerNorm(dtype=self.dtype, name="norm_out")(x)
         return nn.Dense(self.num_codes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
 

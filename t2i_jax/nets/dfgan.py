@@ -19,9 +19,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
-from t2i_jax.nets.layers import upsample_nearest
 
 
 def _levels(image_size: int) -> int:
@@ -148,3 +149,11 @@ class DFDiscriminator(nn.Module):
         for i, width in enumerate(widths[1:]):
             h = DBlock(width, self.dtype, name=f"block{i}")(h)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
+
+
+def build(gan: ml_collections.ConfigDict, image_size: int) -> tuple[DFGenerator, DFDiscriminator]:
+    """The GAN table's factory (nets/gan_networks.py) from the `gan` config section."""
+    return (
+        DFGenerator(image_size, gan.channels, tuple(gan.g_channel_mults), gan.cond_hidden),
+        DFDiscriminator(image_size, gan.channels, tuple(gan.d_channel_mults), gan.conditioning),
+    )

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
-from t2i_jax.nets.layers import upsample_nearest
 
 
 def modulated_conv(
@@ -191,3 +192,14 @@ class StyleDiscriminator(nn.Module):
         h = minibatch_stddev(h)
         h = nn.leaky_relu(nn.Conv(widths[-1], (3, 3), name="final_conv")(h), 0.2)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
+
+
+def build(
+    gan: ml_collections.ConfigDict, image_size: int
+) -> tuple[StyleGenerator, StyleDiscriminator]:
+    """The GAN table's factory (nets/gan_networks.py) from the `gan` config section."""
+    g_mults, d_mults = tuple(gan.g_channel_mults), tuple(gan.d_channel_mults)
+    return (
+        StyleGenerator(image_size, gan.channels, g_mults, gan.w_dim, gan.mapping_layers),
+        StyleDiscriminator(image_size, gan.channels, d_mults, gan.conditioning),
+    )

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t2i_jax.nets.layers import (
+from t2i_jax.layers import (
     CrossAttention2D,
     Downsample,
     ResBlock,

@@ -25,11 +25,13 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
 
 from t2i_jax.errors import DataError
 from t2i_jax.text.features import TextFeatures
+from t2i_jax.text.setup import TextContext, TextSetup
 from t2i_jax.text.tokenizer import PAD_ID
 
 
@@ -225,3 +227,38 @@ class BagOfWords(nn.Module):
         if self.layer_norm:
             h = nn.LayerNorm(dtype=self.dtype, name="norm")(h)
         return TextFeatures(seq=None, pooled=h.astype(jnp.float32), mask=mask)
+
+
+# -- the registry's factories (text/encoders.py): (text config, TextContext) -> TextSetup --
+
+
+def build_bow(text: ml_collections.ConfigDict, ctx: TextContext):
+    tokenizer = ctx.sentencepiece(text.vocab_size)
+    encoder = BagOfWords(vocab_size=tokenizer.vocab_size, width=text.width)
+    return TextSetup("bow", encoder, tokenizer, text.max_len)
+
+
+def build_tfidf(text: ml_collections.ConfigDict, ctx: TextContext):
+    """Bag-of-words weighted by the idf of the training captions (`tfidf.npz` in the run)."""
+    tokenizer = ctx.sentencepiece(text.vocab_size)
+    path = ctx.path("tfidf.npz")
+    if os.path.isfile(path) or not ctx.training:
+        stats = TfidfStats.load(path)
+    else:
+        tokens, mask = tokenizer.encode(ctx.training_captions(), text.max_len)
+        stats = fit_tfidf(
+            tokens, mask, tokenizer.vocab_size, sublinear_tf=text.get("sublinear_tf", False)
+        )
+        if ctx.primary():
+            stats.save(path)
+    if stats.vocab_size != tokenizer.vocab_size:
+        raise DataError(
+            f"{path} has {stats.vocab_size} idf entries, the tokenizer {tokenizer.vocab_size}"
+        )
+    encoder = BagOfWords(
+        vocab_size=tokenizer.vocab_size,
+        width=text.width,
+        idf=stats.idf_tuple(),
+        sublinear_tf=stats.sublinear_tf,
+    )
+    return TextSetup("tfidf", encoder, tokenizer, text.max_len)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from t2i_jax.batching import pad_to
 from t2i_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ def _write(
     files: dict[str, np.ndarray] = {}
     for start in range(0, len(unique), batch_size):
         chunk = unique[start : start + batch_size]
-        tokens, mask = tokenize(chunk + chunk[-1:] * (batch_size - len(chunk)))
-        out = encode(tokens, mask)  # A fixed batch shape: one compilation.
+        # Padded with the last caption's rows: a fixed batch shape, one compilation.
+        (tokens, mask), _ = pad_to(tokenize(chunk), batch_size, fill="edge")
+        out = encode(tokens, mask)
         if not files:
             meta["has_seq"] = out.get("seq") is not None
             for name in ("pooled", "seq") if meta["has_seq"] else ("pooled",):

@@ -22,11 +22,14 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from t2i_jax import rng
 from t2i_jax.errors import DataError
 from t2i_jax.text.features import TextFeatures
+from t2i_jax.text.setup import TextContext, TextSetup
 from t2i_jax.text.tokenizer import PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -180,3 +183,22 @@ def glove_init(path: str, tokenizer: Tokenizer, width: int, *, seed: int) -> tup
         std,
     )
     return matrix.astype(np.float32), missing
+
+
+def build_word_embedding(text: ml_collections.ConfigDict, ctx: TextContext):
+    """Learned embeddings, started from `text.word_vectors` (GloVe / word2vec) if set."""
+    tokenizer = ctx.sentencepiece(text.vocab_size)
+    kwargs = {}
+    # The file only gives the initial values; a reopened run's params are in its checkpoint.
+    if text.get("word_vectors") and ctx.training:
+        matrix, _ = glove_init(
+            os.path.expanduser(text.word_vectors),
+            tokenizer,
+            text.width,
+            seed=rng.stream_seed(ctx.seed, "word_vectors"),
+        )
+        kwargs["embedding_init"] = matrix_init(matrix)
+    encoder = WordEmbedding(
+        vocab_size=tokenizer.vocab_size, width=text.width, dropout=text.dropout, **kwargs
+    )
+    return TextSetup("embedding", encoder, tokenizer, text.max_len)

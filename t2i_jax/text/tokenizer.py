@@ -12,9 +12,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 import sentencepiece as spm
 
+from t2i_jax.data import sources
 from t2i_jax.errors import DataError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
@@ -109,3 +111,15 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int) -> Tokenizer:
         minloglevel=2,
     )
     return Tokenizer(model.getvalue())
+
+
+def prepare_tokenizer(builder, vocab_size: int) -> Tokenizer:
+    """Trains (once) and loads the SentencePiece model of this data set and vocab size."""
+    path = os.path.join(builder.data_dir, f"spm_vocab{vocab_size}.model")
+    if jax.process_index() == 0 and not os.path.isfile(path):
+        train_tokenizer(sources.training_captions(builder), vocab_size).save(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"tokenizer {path}")
+    return Tokenizer.load(path)

@@ -5,32 +5,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from t2i_jax.nets.layers import MultiHeadAttention
+from t2i_jax.layers import TransformerBlock
 from t2i_jax.text.features import TextFeatures
-
-
-class _Block(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)); dropout on both residual branches."""
-
-    num_heads: int
-    mlp_ratio: int
-    dropout: float
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array, attn_mask: jax.Array, *, train: bool) -> jax.Array:
-        width = x.shape[-1]
-        drop = nn.Dropout(self.dropout, deterministic=not train)
-        h = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
-        h = MultiHeadAttention(self.num_heads, width, dtype=self.dtype, name="attn")(
-            h, h, attn_mask
-        )
-        x = x + drop(h)
-        h = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-        h = nn.Dense(width * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(h)
-        h = nn.Dense(width, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
-        return x + drop(h)
+from t2i_jax.text.setup import TextContext, TextSetup
 
 
 class TransformerTextEncoder(nn.Module):
@@ -81,18 +60,21 @@ class TransformerTextEncoder(nn.Module):
         x = (x + pos[None, :length]).astype(self.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
-        allowed = mask[:, None, :]  # [B, 1(query), L(key)]
-        if self.causal:
-            allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None]
         # Every query may also see itself, so no row is fully masked (padded queries would
-        # otherwise attend uniformly to everything); valid queries are unaffected.
-        allowed = allowed | jnp.eye(length, dtype=bool)[None]
+        # otherwise attend uniformly to everything); valid queries are unaffected. The
+        # blocks add the causal mask, which keeps the diagonal.
+        allowed = mask[:, None, :] | jnp.eye(length, dtype=bool)[None]  # [B, L(query), L(key)]
         attn_mask = allowed[:, None]  # [B, 1(head), L, L]
 
         for i in range(self.depth):
-            x = _Block(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, name=f"block{i}")(
-                x, attn_mask, train=train
-            )
+            x = TransformerBlock(
+                self.num_heads,
+                self.mlp_ratio,
+                self.dropout,
+                causal=self.causal,
+                dtype=self.dtype,
+                name=f"block{i}",
+            )(x, attn_mask, train=train)
         x = nn.LayerNorm(dtype=self.dtype, name="norm_out")(x).astype(jnp.float32)
 
         valid = mask[..., None]
@@ -100,3 +82,22 @@ class TransformerTextEncoder(nn.Module):
         count = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(jnp.float32)
         pooled = jnp.sum(seq, axis=1) / count
         return TextFeatures(seq=seq, pooled=pooled, mask=mask)
+
+
+def build_transformer(text: ml_collections.ConfigDict, ctx: TextContext, causal: bool = False):
+    """Bidirectional (or, with `causal`, GPT-style) transformer trained from scratch."""
+    tokenizer = ctx.sentencepiece(text.vocab_size)
+    encoder = TransformerTextEncoder(
+        vocab_size=tokenizer.vocab_size,
+        width=text.width,
+        depth=text.depth,
+        num_heads=text.num_heads,
+        max_len=text.max_len,
+        dropout=text.dropout,
+        causal=causal,
+    )
+    return TextSetup("causal" if causal else "transformer", encoder, tokenizer, text.max_len)
+
+
+def build_causal(text: ml_collections.ConfigDict, ctx: TextContext):
+    return build_transformer(text, ctx, causal=True)

@@ -23,18 +23,19 @@ import numpy as np
 from tqdm import tqdm
 
 from t2i_jax import config as config_lib
-from t2i_jax import registry, rng
-from t2i_jax.data import pipeline, sources
+from t2i_jax import rng, sharding
+from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.data import sources
 from t2i_jax.errors import ConfigError, UserError
-from t2i_jax.eval import report
-from t2i_jax.eval.grid import save_grid
-from t2i_jax.eval.sample import abstract_state, make_sampler, sample_images
-from t2i_jax.methods.base import TrainState
-from t2i_jax.text import assets as text_assets
+from t2i_jax.grid import save_grid
+from t2i_jax.methods import registry
+from t2i_jax.methods.base import Frozen, Method, TrainState
+from t2i_jax.runs import frozen_store
+from t2i_jax.runs.loading import abstract_state, batch_spec
+from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
-from t2i_jax.text.assets import TextContext, TextSide
-from t2i_jax.train import sharding
-from t2i_jax.train.checkpoint import Checkpointer
+from t2i_jax.text.setup import TextContext, TextSetup, params_digest
+from t2i_jax.train import input_pipeline, report
 from t2i_jax.train.logging import MetricWriter
 from t2i_jax.train.validation import make_validator
 
@@ -86,14 +87,14 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def _text_feature_cache(config, builder, text: TextSide, split: str = "train"):
+def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):
     """The frozen encoder's features of `split`, built once per data set and encoder."""
     if not (text.frozen and config.text.get("cache_features", True)):
         return None
     key = text_cache.cache_key(
         text.name,
         repr(text.encoder),
-        text.weights_digest or text_assets.params_digest(text.pretrained),
+        text.weights_digest or params_digest(text.pretrained),
         text.tokenizer.digest(),
         f"max_len {text.max_len}",
         builder.info.full_name,
@@ -123,28 +124,38 @@ class TrainFunctions:
     train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
     abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore target)
     batch_sharding: jax.sharding.NamedSharding
+    frozen: Frozen  # the run's frozen weights on the mesh, every call's last argument
 
 
-def compile_functions(method, config: ml_collections.ConfigDict, mesh) -> TrainFunctions:
-    """eval_shape the state, then jit init with out_shardings and the step with donation."""
-    spec, target = abstract_state(method, config, mesh)
+def compile_functions(
+    method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen | None = None
+) -> TrainFunctions:
+    """eval_shape the state, then jit init with out_shardings and the step with donation
+    of the state (never of the frozen weights, which every step reads)."""
+    replicated = sharding.replicated(mesh)
+    frozen = jax.device_put(frozen or {}, replicated)
+    target = abstract_state(method, config, mesh, frozen)
     state_sharding = jax.tree.map(lambda s: s.sharding, target)
     batch_sharding = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
+    spec = batch_spec(config)
 
-    def init(key):
-        return method.init(key, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
+    def init(key, frozen):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+        return method.init(key, zeros, frozen)
 
+    init_fn = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=state_sharding)
+    step_fn = jax.jit(
+        method.train_step,
+        in_shardings=(state_sharding, batch_sharding, replicated, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
     return TrainFunctions(
-        init=jax.jit(init, out_shardings=state_sharding),
-        train_step=jax.jit(
-            method.train_step,
-            in_shardings=(state_sharding, batch_sharding, replicated),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=0,
-        ),
+        init=lambda key: init_fn(key, frozen),
+        train_step=lambda state, batch, key: step_fn(state, batch, key, frozen),
         abstract_state=target,
         batch_sharding=batch_sharding,
+        frozen=frozen,
     )
 
 
@@ -160,17 +171,19 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     text = registry.build_text(config, TextContext(workdir, builder, config.seed))
-    if primary:  # After the text side's checks, so a refused resume changes no file.
+    method = registry.build_method(config, text)
+    # Before config.json: a refused resume (other BERT weights, no VAE run) changes no file.
+    frozen = frozen_store.load_or_create(workdir, method, primary=primary)
+    if primary:
         _write_config(config, workdir)
     tokenizer = text.tokenizer
-    method = registry.build_method(config, text)
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % mesh.size:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by {mesh.size} devices"
         )
 
-    loader = pipeline.make_loader(
+    loader = input_pipeline.make_loader(
         builder.as_data_source("train"),
         tokenizer,
         global_batch_size=config.train.batch_size,
@@ -182,7 +195,7 @@ def train_and_evaluate(
     )
     data_iter = iter(loader)
 
-    fns = compile_functions(method, config, mesh)
+    fns = compile_functions(method, config, mesh, frozen)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
     )
@@ -206,15 +219,17 @@ def train_and_evaluate(
         tokenizer,
         batch_sharding=fns.batch_sharding,
         features=lambda: _text_feature_cache(config, builder, text, "validation"),
+        frozen=fns.frozen,
     )
     eval_every = config.train.get("eval_every", 0)
     sampler = make_sampler(method)  # Compiled once, reused for every grid.
-    curves = getattr(method, "curves", ("loss",))  # The metrics a method plots and shows.
+    curves = method.curves  # The metrics a method plots and shows.
 
     def sample_grid(at_step: int) -> str:
         images = sample_images(
             sampler,
             state.ema_params,
+            fns.frozen,
             tokenizer,
             prompts,
             per_prompt=config.sample.per_prompt,
@@ -237,7 +252,7 @@ def train_and_evaluate(
     tick, tick_step = time.perf_counter(), step
     with _StopOnSignal() as stop:
         while step < total:
-            batch = pipeline.to_global(next(data_iter), fns.batch_sharding)
+            batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
             state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
             step += 1
             progress.update(1)

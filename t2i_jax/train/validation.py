@@ -1,7 +1,7 @@
 """Validation during training, for methods that define it (e.g. the VAE's bits/dim).
 
-A method opts in with two functions:
-  validation_stats(params, batch, rng) -> dict of arrays   sums over the batch (jit-compiled)
+A method opts in with two hooks of the contract (methods/base.py):
+  validation_stats(params, batch, rng, frozen) -> arrays   sums over the batch (jit-compiled)
   validation_metrics(totals) -> dict[str, float]           from the sums over all batches
 The loop calls the validator on the EMA parameters every `train.eval_every` steps and at
 the end, on the first `train.eval_batches` batches of the validation split in file order,
@@ -18,29 +18,30 @@ import jax
 import ml_collections
 import numpy as np
 
-from t2i_jax import rng
-from t2i_jax.data import pipeline
+from t2i_jax import rng, sharding
 from t2i_jax.errors import ConfigError
-from t2i_jax.train import sharding
+from t2i_jax.methods.base import Frozen, Method
+from t2i_jax.train import input_pipeline
 
 SPLIT = "validation"
 
 
 def make_validator(
-    method,
+    method: Method,
     config: ml_collections.ConfigDict,
     builder,
     tokenizer,
     *,
     batch_sharding: jax.sharding.NamedSharding,
     features: Callable[[], object] = lambda: None,
+    frozen: Frozen | None = None,
 ) -> Callable[[dict], dict[str, float]] | None:
     """params -> {"val_<name>": value}, or None when the method or config has no validation.
 
     `features` gives the split's text feature cache (frozen encoders), built only if used.
     """
     every = config.train.get("eval_every", 0)
-    if not every or not hasattr(method, "validation_stats"):
+    if not every or not method.offers("validation_stats"):
         return None
     num_batches = config.train.get("eval_batches", 0)
     if not isinstance(num_batches, int) or num_batches < 1:
@@ -49,10 +50,11 @@ def make_validator(
     cached = features()
     replicated = sharding.replicated(batch_sharding.mesh)
     stats_fn = jax.jit(method.validation_stats, out_shardings=replicated)
+    frozen = frozen or {}
     key = rng.stream_key(config.seed, "validation")
 
     def loader():
-        return pipeline.make_loader(
+        return input_pipeline.make_loader(
             source,
             tokenizer,
             global_batch_size=config.train.batch_size,
@@ -69,8 +71,8 @@ def make_validator(
     def validate(params) -> dict[str, float]:
         totals: dict[str, np.ndarray] = {}
         for i, batch in enumerate(itertools.islice(iter(loader()), num_batches)):
-            batch = pipeline.to_global(batch, batch_sharding)
-            stats = sharding.to_host(stats_fn(params, batch, jax.random.fold_in(key, i)))
+            batch = input_pipeline.to_global(batch, batch_sharding)
+            stats = sharding.to_host(stats_fn(params, batch, jax.random.fold_in(key, i), frozen))
             for name, value in stats.items():  # float64 on the host: exact enough to merge
                 totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
         return {f"val_{k}": float(v) for k, v in method.validation_metrics(totals).items()}

@@ -3,11 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2i_jax import registry
+from t2i_jax import sharding
 from t2i_jax.data import sources
-from t2i_jax.methods import text_conditioning
-from t2i_jax.text.assets import TextContext
-from t2i_jax.train import loop, sharding
+from t2i_jax.methods import registry, text_conditioning
+from t2i_jax.text.setup import TextContext
+from t2i_jax.train import loop
 
 VOCAB = 64  # Random batches draw ids below this; the test tokenizer has more.
 

@@ -10,9 +10,9 @@ import pytest
 from helpers import build_method, real_batch
 
 from t2i_jax import config as config_lib
-from t2i_jax import registry
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import gan_losses as losses
+from t2i_jax.methods import registry
 from t2i_jax.nets.dfgan import DFDiscriminator
 from t2i_jax.nets.stylegan2 import modulated_conv
 

@@ -11,9 +11,8 @@ import pytest
 from helpers import build_method, real_batch
 
 from t2i_jax import config as config_lib
-from t2i_jax import registry
 from t2i_jax.errors import ConfigError
-from t2i_jax.methods import vae_losses
+from t2i_jax.methods import registry, vae_losses
 
 VAE_EXPERIMENT = "experiments/vae_shapes.py"
 

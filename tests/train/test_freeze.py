@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from t2i_jax.errors import ConfigError
-from t2i_jax.train.optim import make_optimizer
+from t2i_jax.optim import make_optimizer
 
 
 def optim_config(**kw) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO
 
 from t2i_jax import config as config_lib
-from t2i_jax.eval.sample import load_run
+from t2i_jax.runs.sampling import load_run
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 

@@ -1,4 +1,6 @@
-"""Building blocks shared by the networks: embeddings, residual blocks, attention, resampling.
+"""Flax building blocks shared by the text encoders and the networks: embeddings, residual
+blocks, attention (with an optional causal key/value cache), the pre-LN transformer block,
+resampling.
 
 Images are NHWC. Every module takes a compute `dtype`; parameters stay float32.
 """
@@ -49,23 +51,51 @@ def group_norm(channels: int, dtype: jnp.dtype, name: str | None = None) -> nn.G
     return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
 
 
+def causal_mask(num_queries: int, num_keys: int, offset: int | jax.Array = 0) -> jax.Array:
+    """bool [num_queries, num_keys]: query i sits at position offset + i and may attend to
+    keys 0..offset + i (`offset` = how many keys came before the queries)."""
+    return jnp.arange(num_keys)[None, :] <= (offset + jnp.arange(num_queries))[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention from `x` [B, Q, C] onto `context` [B, K, Dc].
 
     `mask` (bool, broadcastable to [B, heads, Q, K]) is True where a query may attend
     to a key. Masked keys get weight exactly zero, so their values never reach the output.
     With `zero_init_out` the output projection starts at zero (the block starts as identity
-    inside a residual).
+    inside a residual). With `causal`, query i also sees only keys 0..i.
+
+    Decoding (`decode=True`, the flax lm1b pattern; needs `causal` and `cache_len`): the
+    "cache" collection holds keys and values for `cache_len` positions and the next index.
+    The call that creates the cache (init) attends over its own keys only; every later call
+    appends its keys and values at the index and attends causally over the filled prefix.
+
+    Fields:
+      num_heads: attention heads; must divide `out_features`.
+      out_features: width of the projections and of the output.
+      zero_init_out: start the output projection at zero.
+      causal: mask keys after each query.
+      cache_len: positions in the decoding cache.
+      softmax_fp32: take the softmax in float32 when `dtype` is not float32.
+      dtype: compute dtype.
     """
 
     num_heads: int
     out_features: int
     zero_init_out: bool = False
+    causal: bool = False
+    cache_len: int | None = None
+    softmax_fp32: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        decode: bool = False,
     ) -> jax.Array:
         if self.out_features % self.num_heads:
             raise ValueError(
@@ -76,6 +106,27 @@ class MultiHeadAttention(nn.Module):
         q = proj(name="query")(x)
         k = proj(name="key")(context)
         v = proj(name="value")(context)
+        offset: int | jax.Array = 0
+        if decode:
+            # Unfilled cache slots are masked only by the causal mask.
+            if not self.causal or self.cache_len is None:
+                raise ValueError("decode=True needs causal=True and cache_len")
+            shape = (k.shape[0], self.cache_len, self.num_heads, head_dim)
+            filled = self.has_variable("cache", "cached_key")
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            if filled:  # Not the cache's creation: append this step's keys and values.
+                offset = index.value
+                zero = jnp.zeros_like(offset)
+                at = (zero, offset, zero, zero)
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, at)
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
+                index.value = offset + k.shape[1]
+                k, v = cached_k.value, cached_v.value
+        if self.causal:
+            allowed = causal_mask(q.shape[1], k.shape[1], offset)[None, None]
+            mask = allowed if mask is None else mask & allowed
         out = nn.dot_product_attention(
             q,
             k,
@@ -84,7 +135,7 @@ class MultiHeadAttention(nn.Module):
             deterministic=True,
             dtype=self.dtype,
             # Softmax in float32 keeps low-precision compute stable.
-            force_fp32_for_softmax=self.dtype != jnp.float32,
+            force_fp32_for_softmax=self.softmax_fp32 and self.dtype != jnp.float32,
         )
         return nn.DenseGeneral(
             self.out_features,
@@ -93,6 +144,74 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             name="out",
         )(out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block on tokens [B, T, D]:
+    x + SelfAttn(LN(x)), then (with `cross_attention`) x + CrossAttn(LN(x), context),
+    then x + MLP(LN(x)); dropout (train only, the 'dropout' rng) on every residual branch.
+
+    Submodule names are those of the text encoder's and the code prior's former blocks
+    ("attn", "norm2" for the MLP without cross-attention; "self_attn", "cross_attn",
+    "norm3" with it): Flax derives init RNGs from names, so renaming changes the weights.
+
+    Fields:
+      num_heads: attention heads; must divide D.
+      mlp_ratio: MLP hidden size = mlp_ratio * D.
+      dropout: residual dropout rate.
+      causal: causal self-attention.
+      cross_attention: attend to `context` [B, L, Dc] at keys where `context_mask` [B, L].
+      cache_len: the self-attention's decoding cache size (see MultiHeadAttention).
+      self_attn_softmax_fp32: the self-attention's `softmax_fp32`.
+      dtype: compute dtype.
+    """
+
+    num_heads: int
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    causal: bool = False
+    cross_attention: bool = False
+    cache_len: int | None = None
+    self_attn_softmax_fp32: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        """`mask`: the self-attention's (see MultiHeadAttention); `decode`: use the cache."""
+        width = x.shape[-1]
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        h = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+        h = MultiHeadAttention(
+            self.num_heads,
+            width,
+            causal=self.causal,
+            cache_len=self.cache_len,
+            softmax_fp32=self.self_attn_softmax_fp32,
+            dtype=self.dtype,
+            name="self_attn" if self.cross_attention else "attn",
+        )(h, h, mask, decode=decode)
+        x = x + drop(h)
+        if self.cross_attention:
+            if context is None or context_mask is None:
+                raise ValueError("cross_attention needs context and context_mask")
+            h = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
+            h = MultiHeadAttention(self.num_heads, width, dtype=self.dtype, name="cross_attn")(
+                h, context, context_mask[:, None, None, :]
+            )
+            x = x + drop(h)
+        h = nn.LayerNorm(dtype=self.dtype, name="norm3" if self.cross_attention else "norm2")(x)
+        h = nn.Dense(width * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(h)
+        h = nn.Dense(width, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
+        return x + drop(h)
 
 
 class ResBlock(nn.Module):

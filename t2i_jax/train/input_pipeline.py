@@ -1,4 +1,4 @@
-"""grain input pipeline: TFDS records -> the batch contract of DESIGN.md.
+"""grain input pipeline: TFDS records -> the batch contract (docs/architecture.md).
 
 Batch: {"image": float32[B, H, W, 3] in [-1, 1], "tokens": int32[B, L], "mask": bool[B, L]},
 plus "text_pooled" [B, D] (and "text_seq" [B, L, D]) when a frozen encoder's features are

@@ -3,14 +3,16 @@ import jax
 import numpy as np
 import pytest
 
-from t2i_jax.data import pipeline, sources
+from t2i_jax.data import sources
 from t2i_jax.errors import DataError
+from t2i_jax.text.tokenizer import prepare_tokenizer
+from t2i_jax.train import input_pipeline as pipeline
 
 
 @pytest.fixture(scope="module")
 def parts(data_dir):
     builder = sources.prepare("t2i_shapes", data_dir, "small")
-    return builder.as_data_source("train"), sources.prepare_tokenizer(builder, 128)
+    return builder.as_data_source("train"), prepare_tokenizer(builder, 128)
 
 
 def loader(parts, seed=0, batch=8, **kw):
@@ -35,7 +37,7 @@ def test_batch_contract(parts):
 
 
 def test_global_batch_is_split_on_data(parts):
-    from t2i_jax.train import sharding
+    from t2i_jax import sharding
 
     mesh = sharding.make_mesh()
     batch = pipeline.to_global(next(iter(loader(parts))), sharding.batch_sharding(mesh))

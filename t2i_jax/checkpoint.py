@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import grain.python as grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from t2i_jax.errors import CheckpointError
@@ -53,3 +55,23 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_latest_arrays(directory: str, item: str = "state") -> dict:
+    """The latest checkpoint's `item` as nested dicts of numpy arrays, read without a
+    target (no method or mesh needed): how a run reads another run's weights."""
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {checkpointer.directory}")
+        where = os.path.join(checkpointer.directory, str(step))
+        try:
+            restored = checkpointer.manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
+            )
+        except Exception as e:  # orbax raises many types for unreadable files
+            raise CheckpointError(f"cannot read checkpoint {where}: {e}") from e
+        return jax.tree.map(np.asarray, restored[item])
+    finally:
+        checkpointer.close()

@@ -1,0 +1,84 @@
+"""A run's workdir read back: config, text setup, method, latest state, frozen weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from t2i_jax import config as config_lib
+from t2i_jax import sharding
+from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.errors import CheckpointError, UserError
+from t2i_jax.methods import registry
+from t2i_jax.methods.base import Frozen, Method, TrainState
+from t2i_jax.runs import frozen_store
+from t2i_jax.text.setup import TextContext
+from t2i_jax.text.tokenizer import CaptionTokenizer
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one training batch (the batch contract)."""
+    size, batch = config.data.image_size, config.train.batch_size
+    return {
+        "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        "tokens": jax.ShapeDtypeStruct((batch, config.text.max_len), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((batch, config.text.max_len), jnp.bool_),
+    }
+
+
+def abstract_state(method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen):
+    """The state's shapes with the mesh's shardings, from eval_shape: nothing is
+    allocated (restore targets and jit out_shardings)."""
+    shapes = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
+    return sharding.abstract_with_sharding(shapes, sharding.replicated(mesh))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    if not os.path.isdir(workdir):
+        raise UserError(f"workdir not found: {workdir}")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir} is not a run directory (no config.json)")
+    with open(path) as f:
+        return config_lib.from_json(f.read())
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained run, ready to sample from: `state.ema_params` are the sampling params."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    method: Method
+    state: TrainState
+    frozen: Frozen
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        return self.method.text_setup.tokenizer
+
+    @property
+    def step(self) -> int:
+        return int(sharding.to_host(self.state.step))
+
+
+def load_run(workdir: str) -> Run:
+    """The run's latest checkpoint, with its method and frozen weights (on this process's
+    devices, replicated)."""
+    config = read_config(workdir)
+    text = registry.build_text(config, TextContext(workdir, builder=None, seed=config.seed))
+    method = registry.build_method(config, text)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    mesh = sharding.make_mesh()
+    frozen = frozen_store.load_or_create(workdir, method, primary=False)
+    frozen = jax.device_put(frozen, sharding.replicated(mesh))
+    state = checkpointer.restore(step, abstract_state(method, config, mesh, frozen))
+    checkpointer.close()
+    return Run(workdir, config, method, state, frozen)
