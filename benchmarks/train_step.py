@@ -67,12 +67,12 @@ def main() -> None:
         text = registry.build_text(config, TextContext(workdir, builder, config.seed))
     vocab_size = text.vocab_size
     method = registry.build_method(config, text)
-    fns = loop.compile_functions(method, config, sharding.make_mesh())
+    fns = loop.compile_functions(method, config, sharding.make_mesh(), method.load_frozen())
     state = fns.init(jax.random.key(0))
     batch = jax.device_put(random_batch(config, vocab_size), fns.batch_sharding)
     key = jax.random.key(1)
 
-    compiled = fns.train_step.lower(state, batch, key).compile()
+    compiled = fns.step_fn.lower(state, batch, key, fns.frozen).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", float("nan")))

@@ -130,7 +130,8 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     text = registry.build_text(config, TextContext(str(workdir), builder, config.seed))
     method = registry.build_method(config, text)
-    fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()[:1]))
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    fns = loop.compile_functions(method, config, mesh, method.load_frozen())
     return config, builder, method, fns
 
 
@@ -146,3 +147,80 @@ def real_batch(config, builder, method, split: str = "train") -> dict:
     captions = [sources.decode_caption(r["caption"], split) for r in records]
     tokens, mask = method.text_setup.tokenizer.encode(captions, config.text.max_len)
     return {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}
+
+
+def grid_size(prompts: int, per_prompt: int, image_size: int, caption_lines: int = 1):
+    """(width, height) of a `save_grid` PNG: a column per prompt of `per_prompt` tiles scaled
+    4x, 4 pixels of padding around each, and 12 pixels a caption line (+4) under them."""
+    cell = 4 * image_size + 4
+    return prompts * cell + 4, per_prompt * cell + 4 + 12 * caption_lines + 4
+
+
+def grid_images(path, prompts: int, per_prompt: int, image_size: int) -> np.ndarray:
+    """uint8 [prompts, per_prompt, size, size, 3]: the images of a `save_grid` PNG (tiles are
+    scaled 4x by nearest neighbour, so every 4th pixel of a tile is the image's)."""
+    from PIL import Image
+
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    cell = 4 * image_size + 4
+    corners = [[(4 + n * cell, 4 + p * cell) for n in range(per_prompt)] for p in range(prompts)]
+    return np.asarray(
+        [[grid[y : y + cell - 4 : 4, x : x + cell - 4 : 4] for y, x in col] for col in corners]
+    )
+
+
+def check_eval_r_precision(workdir, split: str = "validation") -> float:
+    """The generated R-precision of a run's eval/metrics.json is that of the images its
+    eval/samples_<split>.png shows (all of them: num <= 8, the grid's columns), re-embedded
+    and re-ranked here with the settings metrics.json records. Returns it."""
+    from t2i_jax import config as config_lib
+    from t2i_jax.data import sources
+    from t2i_jax.data.examples import load_examples
+    from t2i_jax.eval.evaluators import load_evaluators
+    from t2i_jax.metrics import alignment
+
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    config = config_lib.from_json((workdir / "config.json").read_text())
+    data, num = config.data, metrics["num"]
+    assert num <= 8
+    examples = load_examples(sources.load_builder(data.name, data.dir, data.variant), split, num)
+    shown = grid_images(workdir / "eval" / f"samples_{split}.png", num, 2, data.image_size)
+    np.testing.assert_array_equal(shown[:, 1], examples.images)  # bottom row: the real ones
+    evaluators = load_evaluators(data.name, data.dir, data.variant, train_if_missing=False)
+    written = metrics["splits"][split]
+    recomputed = alignment.r_precision(
+        evaluators.embed_images(shown[:, 0]),
+        evaluators.embed_texts(examples.captions),
+        seed=metrics["seed"],
+        text_ids=alignment.text_ids_of(examples.captions),
+        num_mismatched=written["num_mismatched"],
+        folds=written["folds"],
+    )
+    value = written["generated"]["r_precision"]
+    assert 0.0 <= value <= 1.0
+    assert (value, written["generated"]["r_precision_std"]) == (
+        recomputed["mean"],
+        recomputed["std"],
+    )
+    return value
+
+
+def sample_checked(args: list[str], out, *, prompts: int, per_prompt: int, image_size: int,
+                   seed: int = 0) -> None:  # fmt: skip
+    """`t2i sample *args --seed seed --out out`, then checks what it wrote: a grid of the
+    layout's exact size; the same command in a new process writes the same bytes; another
+    seed gives other images."""
+    from PIL import Image
+
+    again = out.with_name(f"{out.stem}_again.png")
+    other = out.with_name(f"{out.stem}_seed{seed + 1}.png")
+    for path, s in ((out, seed), (again, seed), (other, seed + 1)):
+        result = run_cli("sample", *args, "--seed", str(s), "--out", str(path))
+        assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size == grid_size(prompts, per_prompt, image_size)
+    assert again.read_bytes() == out.read_bytes()
+    first, second = (grid_images(p, prompts, per_prompt, image_size) for p in (out, other))
+    for a, b in zip(first.reshape(-1, *first.shape[2:]), second.reshape(-1, *first.shape[2:]),
+                    strict=True):  # fmt: skip
+        assert not np.array_equal(a, b)  # every image

@@ -3,25 +3,28 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 
 import numpy as np
 import pytest
-from helpers import run_cli, start_cli, train_args
-from PIL import Image
+from helpers import check_eval_r_precision, run_cli, sample_checked, start_cli, train_args
 
 from t2i_jax.data import sources
 from t2i_jax.text import bert_package
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
 
+# The `test` variant's 6 steps, checkpointed every 2 with the newest 2 kept.
+KEEP_TWO = ["--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2"]
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("cli") / "run"
-    result = run_cli(*train_args(workdir, data_dir))
+    result = run_cli(*train_args(workdir, data_dir, *KEEP_TWO))
     assert result.returncode == 0, result.stderr
     return workdir, result
 
@@ -38,39 +41,37 @@ def test_train_writes_the_workdir(trained):
         "samples/step_6.png",
     ):
         assert (workdir / name).is_file(), name
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    # Saved at 2, 4 and 6; train.keep_checkpoints=2 deleted 2.
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
     assert any(f.startswith("events") for f in os.listdir(workdir / "tb"))
     report = (workdir / "report.md").read_text()
     assert "samples/step_6.png" in report and "loss.png" in report
 
 
-def test_sample_writes_a_grid(trained, tmp_path):
+def test_resumes_from_the_older_kept_checkpoint(trained, tmp_path, data_dir):
+    """The older checkpoint kept is a whole one: without the newest (as if the run had died
+    before writing it), the same command resumes from step 4 and ends as the run did."""
     workdir, _ = trained
-    out = tmp_path / "grid.png"
-    args = [
-        "sample",
-        "--workdir",
-        str(workdir),
-        "--prompt",
-        "a red circle",
-        "--prompt",
-        "a blue square",
-        "--num",
-        "2",
-        "--seed",
-        "3",
-        "--steps",
-        "3",
-        "--out",
-        str(out),
-    ]
-    result = run_cli(*args)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    (resumed / "samples" / "step_6.png").unlink()
+    result = run_cli(*train_args(resumed, data_dir, *KEEP_TWO))
     assert result.returncode == 0, result.stderr
-    grid = np.asarray(Image.open(out))
-    # Two columns of 128-pixel tiles plus padding, two rows, captions under them.
-    assert grid.shape[1] == 2 * (128 + 4) + 4 and grid.shape[0] > 2 * 128
-    assert run_cli(*args[:-1], str(tmp_path / "again.png")).returncode == 0
-    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))
+    assert "resumed from step 4" in result.stderr
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "6"]
+    assert (resumed / "metrics.jsonl").read_text() == (workdir / "metrics.jsonl").read_text()
+    final = "samples/step_6.png"
+    assert (resumed / final).read_bytes() == (workdir / final).read_bytes()
+
+
+def test_sample_writes_a_grid(trained, tmp_path):
+    """Two columns (prompts) of two 4x-scaled 32-pixel samples, a caption line under each;
+    the same seed in a new process gives the same PNG, another seed other samples."""
+    workdir, _ = trained
+    args = ["--workdir", str(workdir), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--num", "2", "--steps", "3"]  # fmt: skip
+    sample_checked(args, tmp_path / "grid.png", prompts=2, per_prompt=2, image_size=32, seed=3)
 
 
 def test_eval_scores_a_run(trained, evaluators_trained):
@@ -83,6 +84,7 @@ def test_eval_scores_a_run(trained, evaluators_trained):
     for split in ("validation", "compositional"):
         generated = metrics["splits"][split]["generated"]
         assert set(generated) >= {"attribute_accuracy", "probe_fd", "r_precision", "clip_score"}
+        check_eval_r_precision(workdir, split)
     assert "## Evaluation" in (workdir / "report.md").read_text()
 
 
@@ -98,17 +100,14 @@ def test_gan_run_trains_samples_and_evaluates(tmp_path, evaluators_trained):
     report = (workdir / "report.md").read_text()
     assert "d_loss.png" in report and "g_loss.png" in report
     out = tmp_path / "gan.png"
-    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
-                      "--num", "2", "--out", str(out))  # fmt: skip
-    assert sampled.returncode == 0, sampled.stderr
-    assert Image.open(out).size[0] > 0
+    args = ["--workdir", str(workdir), "--prompt", "a red circle", "--num", "2"]
+    sample_checked(args, out, prompts=1, per_prompt=2, image_size=32)
     refused = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
                       "--guidance", "3", "--out", str(out))  # fmt: skip
     assert refused.returncode == 2 and "--guidance does not apply to a gan run" in refused.stderr
     evaluated = run_cli("eval", "--workdir", str(workdir), "--num", "8")
     assert evaluated.returncode == 0, evaluated.stderr
-    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
-    assert metrics["splits"]["validation"]["generated"]["r_precision"] is not None
+    check_eval_r_precision(workdir)
 
 
 @pytest.mark.parametrize(
@@ -187,36 +186,46 @@ def _start(workdir, data_dir):
     return start_cli(*train_args(workdir, data_dir, *LONG))
 
 
-def _wait_for_checkpoint(proc, workdir, timeout=300):
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
     deadline = time.time() + timeout
-    while not (workdir / "checkpoints" / "10").is_dir():
+    while not (workdir / "checkpoints" / str(step)).is_dir():
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, sig):
-    workdir = tmp_path / "killed"
-    proc = _start(workdir, data_dir)
-    _wait_for_checkpoint(proc, workdir)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 75, stderr
-        assert "stopped by SIGTERM" in stderr
-    else:
-        assert proc.returncode == -signal.SIGKILL
-    assert not (workdir / "report.md").exists()
+@pytest.mark.parametrize(
+    "signals",
+    [
+        # Ctrl-C and then a preemption, each once a checkpoint of its leg is written.
+        (signal.SIGINT, signal.SIGTERM),
+        (signal.SIGKILL,),
+    ],
+    ids=["SIGINT-then-SIGTERM", "SIGKILL"],
+)
+def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, signals):
+    """A run stopped by each signal in turn, then finished, writes the same log and final
+    grid as `reference`: SIGINT and SIGTERM save a checkpoint and exit 75; after SIGKILL the
+    run continues from its last periodic checkpoint."""
+    workdir = tmp_path / "stopped"
+    for leg, sig in enumerate(signals, start=1):
+        proc = _start(workdir, data_dir)
+        _wait_for_checkpoint(proc, workdir, 10 * leg)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        assert not (workdir / "report.md").exists()
+        stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
+        assert 10 * leg <= stopped_at < LONG_STEPS
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:  # The step it stopped at is the newest checkpoint, written on the signal.
+            assert proc.returncode == 75, stderr
+            assert f"t2i: stopped by {sig.name} at step {stopped_at}; checkpoint saved" in stderr
 
-    stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
-    assert 10 <= stopped_at < LONG_STEPS
     result = run_cli(*train_args(workdir, data_dir, *LONG))
     assert result.returncode == 0, result.stderr
     final = f"samples/step_{LONG_STEPS}.png"
-    np.testing.assert_array_equal(
-        np.asarray(Image.open(workdir / final)), np.asarray(Image.open(reference / final))
-    )
+    assert (workdir / final).read_bytes() == (reference / final).read_bytes()
     assert (workdir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 

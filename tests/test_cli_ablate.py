@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import EXPERIMENT, run_cli
+from helpers import EXPERIMENT, check_eval_r_precision, run_cli
 
 SWEEP = """
 def get_sweep(arg=None):
@@ -32,6 +32,7 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
     assert result.returncode == 0, result.stderr
     results = json.loads((workdir / "results.json").read_text())
     assert list(results["runs"]) == ["bow", "embedding"]
+    table = (workdir / "results.md").read_text()
     for name, run in results["runs"].items():
         config = json.loads((workdir / name / "config.json").read_text())
         assert config["text"]["encoder"] == name and config["train"]["steps"] == 2
@@ -39,10 +40,13 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
         losses = [m["loss"] for m in metrics]
         assert run["final"]["loss"] == pytest.approx(sum(losses) / len(losses))  # <= 10 logged
         assert run["steps"] == 2
-        assert run["eval"]["splits"]["validation"]["generated"]["r_precision"] is not None
-        assert (workdir / name / "eval" / "metrics.json").is_file()
+        # The table's evaluation is the run's own eval/metrics.json, whose R-precision is
+        # that of the images in its sample grid.
+        assert run["eval"] == json.loads((workdir / name / "eval" / "metrics.json").read_text())
+        r_precision = check_eval_r_precision(workdir / name)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f" {r_precision:.3f} |" in row
     assert json.loads((workdir / "embedding" / "config.json").read_text())["text"]["width"] == 16
-    table = (workdir / "results.md").read_text()
     assert "| bow | text.encoder=bow | 2 |" in table and "val R-precision" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli, train_args
+from helpers import run_cli, sample_checked, train_args
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -29,10 +29,9 @@ def test_vae_run_trains_samples_and_reconstructs(tmp_path, data_dir):
     assert "val_bits_per_dim.png" in report
 
     out = tmp_path / "vae.png"
-    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
-                      "--num", "2", "--temperature", "0.5", "--out", str(out))  # fmt: skip
-    assert sampled.returncode == 0, sampled.stderr
-    assert Image.open(out).size[0] > 0
+    args = ["--workdir", str(workdir), "--prompt", "a red circle", "--num", "2",
+            "--temperature", "0.5"]  # fmt: skip
+    sample_checked(args, out, prompts=1, per_prompt=2, image_size=32)
 
     recon = tmp_path / "recon.png"
     backbone = tmp_path / "alex.safetensors"  # random weights: ImageNet's are not shipped
@@ -76,11 +75,9 @@ def test_vqvae_run_trains_samples_with_its_prior_and_reconstructs(tmp_path, data
     assert {"recon", "commitment", "prior_loss", "perplexity", "codes_used"} <= set(last)
     assert {"val_recon", "val_prior_loss", "val_perplexity", "val_codes_used"} <= set(last)
     out = tmp_path / "vq.png"
-    sampled = run_cli("sample", "--workdir", str(workdir), "--prompt", "a red circle",
-                      "--num", "2", "--temperature", "0.8", "--top-k", "4", "--top-p", "0.9",
-                      "--guidance", "2", "--out", str(out))  # fmt: skip
-    assert sampled.returncode == 0, sampled.stderr
-    assert Image.open(out).size[0] > 0
+    args = ["--workdir", str(workdir), "--prompt", "a red circle", "--num", "2", "--temperature",
+            "0.8", "--top-k", "4", "--top-p", "0.9", "--guidance", "2"]  # fmt: skip
+    sample_checked(args, out, prompts=1, per_prompt=2, image_size=32)
     recon = tmp_path / "recon.png"
     made = run_cli("reconstruct", "--workdir", str(workdir), "--num", "3", "--out", str(recon))
     assert made.returncode == 0, made.stderr
@@ -95,7 +92,8 @@ def test_vqvae_run_trains_samples_with_its_prior_and_reconstructs(tmp_path, data
 def test_latent_diffusion_loads_its_frozen_vae_and_needs_it(tmp_path, data_dir):
     import jax
 
-    from t2i_jax.runs.sampling import load_run
+    from t2i_jax.checkpoint import read_latest_arrays
+    from t2i_jax.runs.loading import load_run
 
     vae = tmp_path / "vae"
     args = train_args(vae, data_dir, "--config.train.steps=2", "--config.vae.conditional=False",
@@ -115,17 +113,20 @@ def test_latent_diffusion_loads_its_frozen_vae_and_needs_it(tmp_path, data_dir):
 
     result = run_cli(*ldm_args, f"--config.ldm.autoencoder={vae}")
     assert result.returncode == 0, result.stderr
-    frozen = jax.device_get(load_run(str(ldm))[3].params["model"]["autoencoder"])
-    trained = jax.device_get(load_run(str(vae))[3].ema_params["model"])
-    for part in ("encoder", "decoder"):  # stored in the LDM run and unchanged by training
+    frozen = jax.device_get(load_run(str(ldm)).frozen["autoencoder"])
+    trained = jax.device_get(load_run(str(vae)).state.ema_params["model"])
+    # Frozen weights are stored once in the run, never in its checkpoints (nor averaged).
+    assert set(read_latest_arrays(str(ldm / "checkpoints"))["params"]["model"]) == {
+        "text_encoder",
+        "unet",
+    }
+    for part in ("encoder", "decoder"):  # the VAE run's EMA weights, bit for bit
         for a, b in zip(jax.tree.leaves(frozen[part]), jax.tree.leaves(trained[part]), strict=True):
             np.testing.assert_array_equal(a, b)
 
-    out = tmp_path / "ldm.png"
-    sampled = run_cli("sample", "--workdir", str(ldm), "--prompt", "a red circle", "--num", "2",
-                      "--steps", "3", "--guidance", "2", "--out", str(out))  # fmt: skip
-    assert sampled.returncode == 0, sampled.stderr
-    assert Image.open(out).size[0] > 0
+    args = ["--workdir", str(ldm), "--prompt", "a red circle", "--num", "2", "--steps", "3",
+            "--guidance", "2"]  # fmt: skip
+    sample_checked(args, tmp_path / "ldm.png", prompts=1, per_prompt=2, image_size=32)
     recon = run_cli("reconstruct", "--workdir", str(ldm), "--num", "2", "--out",
                     str(tmp_path / "r.png"))  # fmt: skip
     assert recon.returncode == 0, recon.stderr

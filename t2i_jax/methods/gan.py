@@ -83,17 +83,17 @@ class GAN(Method):
         self.d_optimizer = make_optimizer(config.optim_d, config.train.steps * gc.n_critic)
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, g_params, frozen, batch) -> jax.Array:
+    def _text_vector(self, g_params, batch, frozen: Frozen | None = None) -> jax.Array:
         text_params = self.conditioner.params(g_params, frozen)
         return self.conditioner.features(text_params, batch).pooled
 
-    def _generate(self, g_params, z, t, rng, *, train: bool) -> jax.Array:
+    def _generate(self, g_params, z, text_vec, rng, *, train: bool) -> jax.Array:
         return self.generator.apply(
-            {"params": g_params["net"]}, z, t, train=train, rngs={"noise": rng}
+            {"params": g_params["net"]}, z, text_vec, train=train, rngs={"noise": rng}
         )
 
-    def _discriminate(self, d_params, images, t) -> jax.Array:
-        return self.discriminator.apply({"params": d_params["net"]}, images, t)
+    def _discriminate(self, d_params, images, text_vec) -> jax.Array:
+        return self.discriminator.apply({"params": d_params["net"]}, images, text_vec)
 
     def _z(self, rng, batch_size: int) -> jax.Array:
         return jax.random.normal(rng, (batch_size, self.gc.z_dim), jnp.float32)
@@ -103,35 +103,35 @@ class GAN(Method):
         k_text, k_g, k_d, k_noise = jax.random.split(rng, 4)
         tokens, mask, image = batch["tokens"], batch["mask"], batch["image"]
         g = self.conditioner.init(k_text, tokens, mask)
-        t = self.conditioner.encode(self.conditioner.params(g, frozen), tokens, mask).pooled
+        text_vec = self.conditioner.encode(self.conditioner.params(g, frozen), tokens, mask).pooled
         z = self._z(k_noise, image.shape[0])
-        g["net"] = self.generator.init({"params": k_g, "noise": k_noise}, z, t)["params"]
-        d = {"net": self.discriminator.init(k_d, image, t)["params"]}
+        g["net"] = self.generator.init({"params": k_g, "noise": k_noise}, z, text_vec)["params"]
+        d = {"net": self.discriminator.init(k_d, image, text_vec)["params"]}
         return TrainState.create(
             {"generator": g, "discriminator": d},
             {"generator": self.g_optimizer, "discriminator": self.d_optimizer},
             ema=["generator"],
         )
 
-    def discriminator_loss(self, d_params, g_params, batch, t, rng, step):
+    def discriminator_loss(self, d_params, g_params, batch, text_vec, rng, step):
         """(scalar loss, metrics) of one discriminator update; G is held fixed."""
         gc = self.gc
         real = batch["image"]
         k_z, k_noise = jax.random.split(rng)
-        fake = self._generate(g_params, self._z(k_z, real.shape[0]), t, k_noise, train=True)
+        fake = self._generate(g_params, self._z(k_z, real.shape[0]), text_vec, k_noise, train=True)
         fake = jax.lax.stop_gradient(fake)
-        l_real = self._discriminate(d_params, real, t)
-        l_fake = self._discriminate(d_params, fake, t)
+        l_real = self._discriminate(d_params, real, text_vec)
+        l_fake = self._discriminate(d_params, fake, text_vec)
         fake_term = losses.d_fake_loss(gc.objective, l_fake)
         mismatch = {}
         if gc.matching_aware:
-            l_mis = self._discriminate(d_params, real, jnp.roll(t, 1, axis=0))
+            l_mis = self._discriminate(d_params, real, jnp.roll(text_vec, 1, axis=0))
             fake_term = 0.5 * (fake_term + losses.d_fake_loss(gc.objective, l_mis))
             # How far D tells a real image's own caption from another's: its text use.
             mismatch = {"d_mismatch": jnp.mean(jax.nn.sigmoid(l_mis))}
         adversarial = jnp.mean(losses.d_real_loss(gc.objective, l_real) + fake_term)
 
-        d_of_x = lambda x: self._discriminate(d_params, x, t)
+        d_of_x = lambda x: self._discriminate(d_params, x, text_vec)
         r1 = jnp.zeros((), jnp.float32)
         if gc.r1_gamma > 0:
             r1 = jax.lax.cond(
@@ -142,7 +142,9 @@ class GAN(Method):
         ma_gp = jnp.zeros((), jnp.float32)
         if gc.ma_gp_weight > 0:
             d_of_xt = lambda x, text: self._discriminate(d_params, x, text)
-            ma_gp = jnp.mean(losses.matching_aware_gp(d_of_xt, real, t, power=gc.ma_gp_power))
+            ma_gp = jnp.mean(
+                losses.matching_aware_gp(d_of_xt, real, text_vec, power=gc.ma_gp_power)
+            )
         total = adversarial + gc.r1_gamma * gc.r1_every * r1 + gc.ma_gp_weight * ma_gp
         metrics = {
             "d_loss": adversarial,
@@ -156,13 +158,16 @@ class GAN(Method):
         }
         return total, metrics
 
-    def generator_loss(self, g_params, d_params, frozen, batch, rng):
+    def generator_loss(self, g_params, d_params, batch, rng, frozen: Frozen | None = None):
+        """(scalar loss, None) of one generator update; D is held fixed."""
         k_z, k_noise = jax.random.split(rng)
-        t = self._text_vector(g_params, frozen, batch)
-        fake = self._generate(g_params, self._z(k_z, t.shape[0]), t, k_noise, train=True)
+        text_vec = self._text_vector(g_params, batch, frozen)
+        fake = self._generate(
+            g_params, self._z(k_z, text_vec.shape[0]), text_vec, k_noise, train=True
+        )
         # The text encoder learns through G's conditioning only: a gradient through D's
         # text input would let it move text vectors to where D accepts fakes.
-        logits = self._discriminate(d_params, fake, jax.lax.stop_gradient(t))
+        logits = self._discriminate(d_params, fake, jax.lax.stop_gradient(text_vec))
         return jnp.mean(losses.g_loss(self.gc.objective, logits)), None
 
     def train_step(
@@ -170,18 +175,18 @@ class GAN(Method):
     ):
         g_params = state.params["generator"]
         k_d, k_g = jax.random.split(rng)
-        t = jax.lax.stop_gradient(self._text_vector(g_params, frozen, batch))
+        text_vec = jax.lax.stop_gradient(self._text_vector(g_params, batch, frozen))
 
         d_params, d_opt = state.params["discriminator"], state.opt_state["discriminator"]
         for key in jax.random.split(k_d, self.gc.n_critic):  # n_critic is small and static
             d = gradient_update(
                 self.discriminator_loss, d_params, d_opt, self.d_optimizer,
-                g_params, batch, t, key, state.step,
+                g_params, batch, text_vec, key, state.step,
             )  # fmt: skip
             d_params, d_opt = d.params, d.opt_state
         g = gradient_update(
             self.generator_loss, g_params, state.opt_state["generator"], self.g_optimizer,
-            d_params, frozen, batch, k_g,
+            d_params, batch, k_g, frozen,
         )  # fmt: skip
         new_state = next_state(
             state,
@@ -210,22 +215,22 @@ class GAN(Method):
         psi = self.gc.truncation if truncation is None else truncation
         g_params = params["generator"]
         text_params = self.conditioner.params(g_params, frozen)
-        t = self.conditioner.encode(text_params, captions["tokens"], captions["mask"]).pooled
+        text_vec = self.conditioner.encode(text_params, captions["tokens"], captions["mask"]).pooled
         k_z, k_noise, k_centre = jax.random.split(rng, 3)
-        z = self._z(k_z, t.shape[0])
+        z = self._z(k_z, text_vec.shape[0])
         if psi == 1.0:
-            return jnp.clip(self._generate(g_params, z, t, k_noise, train=False), -1.0, 1.0)
+            return jnp.clip(self._generate(g_params, z, text_vec, k_noise, train=False), -1.0, 1.0)
         if not hasattr(self.generator, "mapping"):
             raise UserError(
                 f"truncation needs a generator with a mapping network (stylegan2), not "
                 f"gan.network='{self.gc.network}'"
             )
         net = {"params": g_params["net"]}
-        w = self.generator.apply(net, z, t, method="mapping")
+        w = self.generator.apply(net, z, text_vec, method="mapping")
         # The same 64 draws for every caption, so equal captions get equal centres.
-        draws, batch = 64, t.shape[0]
+        draws, batch = 64, text_vec.shape[0]
         z_c = jnp.repeat(self._z(k_centre, draws), batch, axis=0)  # row d * B + b: z_d
-        w_c = self.generator.apply(net, z_c, jnp.tile(t, (draws, 1)), method="mapping")
+        w_c = self.generator.apply(net, z_c, jnp.tile(text_vec, (draws, 1)), method="mapping")
         centre = jnp.mean(w_c.reshape(draws, batch, -1), axis=0)
         w = centre + psi * (w - centre)
         images = self.generator.apply(net, w, method="synthesis", rngs={"noise": k_noise})

@@ -91,7 +91,9 @@ class VAE(Method):
         return super().load_frozen() if self.vc.conditional else {}
 
     # -- networks ------------------------------------------------------------------------
-    def _text_vector(self, model, frozen, batch, *, train=False, rng=None) -> jax.Array | None:
+    def _text_vector(
+        self, model, batch, frozen: Frozen | None = None, *, train=False, rng=None
+    ) -> jax.Array | None:
         """The caption's pooled vector; None for an unconditional VAE (vae.conditional)."""
         if not self.vc.conditional:
             return None
@@ -153,7 +155,7 @@ class VAE(Method):
         plus the posterior means [B, ...] for the active-unit count."""
         image = batch["image"]
         k_z, k_text = jax.random.split(rng)
-        cond = self._text_vector(model, frozen, batch, train=train, rng=k_text)
+        cond = self._text_vector(model, batch, frozen, train=train, rng=k_text)
         mean_q, logvar_q = self.posterior(model, image, cond)
         z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(k_z, mean_q.shape)
         mean_x, log_scale = self.decode(model, z, cond)
@@ -219,7 +221,7 @@ class VAE(Method):
     def reconstruct(self, params, batch: dict, frozen: Frozen | None = None) -> jax.Array:
         """Images decoded from the posterior mean of each image, clipped to [-1, 1]."""
         model = params["model"]
-        cond = self._text_vector(model, frozen, batch)
+        cond = self._text_vector(model, batch, frozen)
         mean_q, _ = self.posterior(model, batch["image"], cond)
         return jnp.clip(self.decode(model, mean_q, cond)[0], -1.0, 1.0)
 

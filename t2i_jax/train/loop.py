@@ -118,13 +118,20 @@ def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):
 
 @dataclasses.dataclass(frozen=True)
 class TrainFunctions:
-    """A method's init and train step, jit-compiled with the mesh's shardings."""
+    """A method's init and train step, jit-compiled with the mesh's shardings, and the
+    run's frozen weights placed on the mesh (every call's last argument)."""
 
-    init: Callable[[jax.Array], TrainState]
-    train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+    init_fn: Callable  # jit: (key, frozen) -> TrainState
+    step_fn: Callable  # jit: (state, batch, key, frozen) -> (state, metrics), state donated
     abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore target)
     batch_sharding: jax.sharding.NamedSharding
-    frozen: Frozen  # the run's frozen weights on the mesh, every call's last argument
+    frozen: Frozen
+
+    def init(self, key: jax.Array) -> TrainState:
+        return self.init_fn(key, self.frozen)
+
+    def train_step(self, state: TrainState, batch: dict, key: jax.Array):
+        return self.step_fn(state, batch, key, self.frozen)
 
 
 def compile_functions(
@@ -151,8 +158,8 @@ def compile_functions(
         donate_argnums=0,
     )
     return TrainFunctions(
-        init=lambda key: init_fn(key, frozen),
-        train_step=lambda state, batch, key: step_fn(state, batch, key, frozen),
+        init_fn=init_fn,
+        step_fn=step_fn,
         abstract_state=target,
         batch_sharding=batch_sharding,
         frozen=frozen,

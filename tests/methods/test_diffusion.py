@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,10 +107,82 @@ def test_sample_shapes_range_and_determinism(test_config, prediction, tmp_path):
     )
     text = {k: v[:4] for k, v in random_batch(test_config).items() if k != "image"}
     sample = jax.jit(method.sample, static_argnames=("guidance", "steps", "sampler", "eta"))
-    a = sample(params, text, jax.random.key(1))
-    b = sample(params, text, jax.random.key(1))
-    assert a.shape == (4, 32, 32, 3) and float(jnp.abs(a).max()) <= 1.0
-    np.testing.assert_array_equal(a, b)
-    guided = sample(params, text, jax.random.key(1), guidance=1.0)
+    a = np.asarray(sample(params, text, jax.random.key(1)))
+    b = np.asarray(sample(params, text, jax.random.key(1)))
+    assert a.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)  # same seed, same images
+    assert not np.allclose(a, np.asarray(sample(params, text, jax.random.key(2))), atol=1e-3)
+    other = {k: jnp.roll(v, 1, axis=0) for k, v in text.items()}  # each row another caption
+    assert not np.allclose(a, np.asarray(sample(params, other, jax.random.key(1))), atol=1e-3)
+    guided = np.asarray(sample(params, text, jax.random.key(1), guidance=1.0))
     unguided_ddpm = sample(params, text, jax.random.key(1), guidance=1.0, sampler="ddpm")
     assert not np.allclose(a, guided) and not np.allclose(guided, unguided_ddpm)
+    # Guidance 0 is the unconditional model: the empty caption's samples, unguided.
+    null_tokens, null_mask = method.text_setup.tokenizer.empty(test_config.text.max_len)
+    empty = {
+        "tokens": jnp.repeat(jnp.asarray(null_tokens), 4, axis=0),
+        "mask": jnp.repeat(jnp.asarray(null_mask), 4, axis=0),
+    }
+    unconditional = np.asarray(sample(params, text, jax.random.key(1), guidance=0.0))
+    # (a batch of 2B against one of B: float32 round-off, grown by the sampler's steps)
+    empty_captions = np.asarray(sample(params, empty, jax.random.key(1), guidance=1.0))
+    difference = np.abs(unconditional - empty_captions)
+    assert np.max(difference) < 1e-2 and np.mean(difference) < 1e-5
+    assert np.mean(np.abs(unconditional - guided)) > 1e-2
+
+
+class TargetUNet(nn.Module):
+    """A stand-in for the UNet whose every prediction decodes to x0 = target(text), any x_t
+    and t: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), v = sqrt(ab) eps - sqrt(1 - ab) x0."""
+
+    alpha_bar: np.ndarray
+    prediction: str
+    projection: np.ndarray
+
+    @nn.compact
+    def __call__(self, x_t, t, seq, mask, pooled, *, train=False):
+        x0 = jnp.broadcast_to(target_colour(pooled, self.projection), x_t.shape)
+        ab = jnp.asarray(self.alpha_bar, jnp.float32)[t.astype(jnp.int32)][:, None, None, None]
+        eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
+        if self.prediction == "eps":
+            return eps
+        return jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * x0
+
+
+def target_colour(pooled, projection):
+    """A colour per caption [B, 1, 1, 3] (numpy or jax)."""
+    xp = jnp if isinstance(pooled, jax.Array) else np
+    return (0.4 * xp.tanh(pooled @ projection))[:, None, None, :]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_guidance_mixes_the_conditional_and_unconditional_predictions(
+    test_config, prediction, tmp_path
+):
+    """With a network whose prediction decodes to a known x0 per caption, every sampler
+    ends on x0 = clip(x0_uncond + w (x0_cond - x0_uncond)): guidance is
+    out_uncond + w (out_cond - out_uncond) on the network's output (linear in x0 for eps and
+    v alike), cond on the captions, uncond on the empty caption."""
+    test_config.diffusion.prediction = prediction
+    method = build_method(test_config, tmp_path)
+    batch = random_batch(test_config)
+    text = {k: v[:4] for k, v in batch.items() if k != "image"}
+    text_params = method.conditioner.init(jax.random.key(0), text["tokens"], text["mask"])
+    encoder = method.conditioner.params(text_params, None)
+    cond = np.asarray(method.conditioner.encode(encoder, text["tokens"], text["mask"]).pooled)
+    null = np.asarray(method.conditioner.null(encoder, 4).pooled)
+    rng = np.random.default_rng(0)
+    projection = rng.normal(size=(cond.shape[-1], 3)) * 3 / np.sqrt(cond.shape[-1])
+    x0_cond = target_colour(np.float64(cond), projection)
+    x0_uncond = target_colour(np.float64(null), projection)
+    assert np.min(np.abs(x0_cond - x0_uncond)) > 1e-3
+    method.unet = TargetUNet(np.asarray(method.alpha_bar), prediction, projection)
+    params = {"model": {**text_params, "unet": {}}}
+    sample = jax.jit(method.sample, static_argnames=("guidance", "steps", "sampler", "eta"))
+    for w in (0.0, 1.0, 3.0):
+        expected = np.clip(x0_uncond + w * (x0_cond - x0_uncond), -1.0, 1.0)
+        expected = np.broadcast_to(expected, (4, 32, 32, 3))
+        for options in ({}, {"sampler": "ddpm"}, {"steps": 1}) if w == 3.0 else ({},):
+            got = np.asarray(sample(params, text, jax.random.key(1), guidance=w, **options))
+            np.testing.assert_allclose(got, expected, atol=2e-4, err_msg=f"{w} {options}")
+    assert np.any(np.abs(np.clip(x0_uncond + 3 * (x0_cond - x0_uncond), -1, 1)) == 1.0)

@@ -89,32 +89,46 @@ def test_validation_stats_sum_over_the_batch(data_dir, tmp_path):
     assert stats["mean_sum"].shape == (8 * 8 * 4,)  # 32 px, 3 levels: an 8x8x4 latent
 
 
-def test_samples_are_deterministic_in_range_and_follow_the_text(data_dir, tmp_path):
+def test_samples_are_deterministic_follow_the_text_and_decode_the_prior_mean_when_cold(
+    data_dir, tmp_path
+):
     config, builder, method, fns = build_vae(data_dir, tmp_path)
     state = fns.init(jax.random.key(0))
     batch = real_batch(config, builder, method)
     # Train briefly so the decoder reads the text (at init its text projection is random).
     for step in range(3):
         state, _ = fns.train_step(state, batch, jax.random.key(step))
+    params = jax.device_get(state.ema_params)
+    # The prior's output layer starts at 0: move it so its mean is not the N(0, I) one.
+    params["model"]["prior"] = jax.tree.map(
+        lambda p: p + 0.3 * np.sin(np.arange(p.size).reshape(p.shape)), params["model"]["prior"]
+    )
     text = {"tokens": batch["tokens"][:4], "mask": batch["mask"][:4]}
     sample = jax.jit(method.sample)
-    a = sample(state.ema_params, text, jax.random.key(5))
-    b = sample(state.ema_params, text, jax.random.key(5))
-    c = sample(state.ema_params, text, jax.random.key(6))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(c))
-    assert a.shape == (4, 32, 32, 3) and float(jnp.max(jnp.abs(a))) <= 1.0
+    a = np.asarray(sample(params, text, jax.random.key(5)))
+    b = np.asarray(sample(params, text, jax.random.key(5)))
+    c = np.asarray(sample(params, text, jax.random.key(6)))
+    assert a.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
     other = {"tokens": jnp.roll(text["tokens"], 1, axis=0), "mask": jnp.roll(text["mask"], 1, 0)}
-    assert not np.array_equal(
-        np.asarray(a), np.asarray(sample(state.ema_params, other, jax.random.key(5)))
-    )
+    assert not np.array_equal(a, np.asarray(sample(params, other, jax.random.key(5))))
+
     cold = jax.jit(lambda p, t, k: method.sample(p, t, k, temperature=0.0))
-    # Temperature 0 decodes the prior mean: the key no longer matters.
-    np.testing.assert_array_equal(
-        np.asarray(cold(state.ema_params, text, jax.random.key(5))),
-        np.asarray(cold(state.ema_params, text, jax.random.key(6))),
-    )
-    recon = jax.jit(method.reconstruct)(state.ema_params, batch)
+    cold_a = np.asarray(cold(params, text, jax.random.key(5)))
+    # Temperature 0 decodes the prior mean: the key no longer matters...
+    np.testing.assert_array_equal(cold_a, np.asarray(cold(params, text, jax.random.key(6))))
+    # ...and the image is the decoder's mean at the learned prior's mean, from the networks.
+    model = params["model"]
+    encoder = method.conditioner.params(model, None)
+    t = method.conditioner.encode(encoder, text["tokens"], text["mask"]).pooled
+    mean_p, _ = method.prior.apply({"params": model["prior"]}, t)
+    assert float(jnp.max(jnp.abs(mean_p))) > 0.1  # not the standard normal's mean
+    decoded, _ = method.decode(model, mean_p, t)
+    np.testing.assert_allclose(cold_a, np.clip(np.asarray(decoded), -1.0, 1.0), atol=1e-5)
+    at_zero, _ = method.decode(model, jnp.zeros_like(mean_p), t)
+    assert np.max(np.abs(cold_a - np.clip(np.asarray(at_zero), -1.0, 1.0))) > 1e-3
+    recon = jax.jit(method.reconstruct)(params, batch)
     assert recon.shape == batch["image"].shape
 
 

@@ -1,5 +1,6 @@
-"""BERT inside the trainer: frozen by the optimizer mask, its cached features equal to
-running it, refused weights that differ from the run's, fine-tuning."""
+"""BERT inside the trainer: frozen weights stored once per run (never in the train state),
+its cached features equal to running it, refused weights that differ from the run's,
+fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 from helpers import tiny_bert_folder
 
+from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.data import sources
-from t2i_jax.errors import ConfigError
+from t2i_jax.errors import CheckpointError, ConfigError
 from t2i_jax.methods import registry
-from t2i_jax.runs.sampling import load_run
+from t2i_jax.runs.loading import load_run
 from t2i_jax.text import bert_package, bert_weights
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop
@@ -88,12 +90,35 @@ def test_frozen_bert_reads_cached_features_equal_to_running_it(frozen_runs, tiny
         [m["loss"] for m in with_cache], [m["loss"] for m in without], rtol=1e-4
     )
     _, pretrained, _, _ = bert_weights.load_bert(tiny_bert)
-    config, tokenizer, _, state = load_run(str(runs["cached"]))
-    assert tokenizer.vocab_size == 30522  # The run reopens with BERT's WordPiece vocabulary.
-    frozen = jax.device_get(state.params["model"]["text_encoder"])
+    run = load_run(str(runs["cached"]))
+    assert run.tokenizer.vocab_size == 30522  # Reopened with BERT's WordPiece vocabulary.
+    frozen = jax.device_get(run.frozen["text_encoder"])
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(pretrained), strict=True):
-        np.testing.assert_array_equal(a, b)  # The optimizer mask kept BERT fixed.
+        np.testing.assert_array_equal(a, b)
     assert not os.path.exists(runs["cached"] / "tokenizer.model")
+
+
+def test_frozen_bert_is_stored_once_per_run_not_in_checkpoints(frozen_runs, tmp_path):
+    runs, _, _, _ = frozen_runs
+    workdir = runs["cached"]
+    state = read_latest_arrays(str(workdir / "checkpoints"))
+    assert "text_encoder" not in state["params"]["model"]
+    assert "text_encoder" not in state["ema_params"]["model"]
+    # The store's digest is the one the run recorded when it started.
+    import json
+
+    digests = json.loads((workdir / "frozen" / "digests.json").read_text())
+    recorded = (workdir / "text_encoder" / "weights.sha256").read_text().strip()
+    assert digests == {"text_encoder": recorded}
+    # A damaged store is one CheckpointError naming the file, not a silent other encoder.
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    path = broken / "frozen" / "text_encoder.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes +inf
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="text_encoder.safetensors do not match"):
+        load_run(str(broken))
 
 
 def test_changed_pretrained_weights_are_refused_on_resume(frozen_runs, tmp_path):
@@ -123,7 +148,9 @@ def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
     config.optim.warmup_steps = 0
     train_and_evaluate(config, str(tmp_path / "ft"), show_progress=False)
     _, pretrained, _, _ = bert_weights.load_bert(tiny_bert)
-    state = load_run(str(tmp_path / "ft"))[3]
+    run = load_run(str(tmp_path / "ft"))
+    assert run.frozen == {}  # fine-tuned: in the train state, not frozen
+    state = run.state
     tuned = jax.device_get(state.params["model"]["text_encoder"])
     flat_tuned = dict(jax.tree_util.tree_leaves_with_path(tuned))
     still = sorted(

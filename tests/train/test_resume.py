@@ -11,13 +11,13 @@ import pytest
 from helpers import REPO
 
 from t2i_jax import config as config_lib
-from t2i_jax.runs.sampling import load_run
+from t2i_jax.runs.loading import load_run
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 
 
 def params_of(workdir):
-    return jax.device_get(load_run(str(workdir))[3])
+    return jax.device_get(load_run(str(workdir)).state)
 
 
 def load_test_config(experiment: str, data_dir: str):

@@ -1,0 +1,124 @@
+"""Every variant of every experiment file loads, passes the checks a run starts with, and
+builds a method whose initial state `jax.eval_shape` can trace: shapes only, nothing
+computed, nothing allocated, so the `full` variants cost what the `test` ones do."""
+
+import glob
+import math
+import os
+
+import jax
+import pytest
+from helpers import REPO, build_method
+
+from t2i_jax import config as config_lib
+from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.data import sources
+from t2i_jax.eval.ablate import load_sweep, run_configs
+from t2i_jax.methods import registry
+from t2i_jax.runs.loading import batch_spec
+from t2i_jax.text.setup import TextContext
+
+EXPERIMENTS = sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))
+)
+SWEEPS = sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments", "sweeps", "*.py"))
+)
+VARIANTS = ("test", "demo", "full")
+
+
+def load(experiment: str, variant: str):
+    return config_lib.load_config(f"{os.path.join(REPO, 'experiments', experiment)}:{variant}")
+
+
+def test_the_experiments_are_found():
+    """The globs above see the files (an empty parametrization would pass silently)."""
+    assert {"diffusion_shapes.py", "gan_shapes.py", "ldm_shapes.py"} <= set(EXPERIMENTS)
+    assert {"vae_shapes.py", "vqvae_shapes.py"} <= set(EXPERIMENTS)
+    assert {"gan_objectives.py", "text_encoders.py"} <= set(SWEEPS)
+
+
+@pytest.fixture(scope="module")
+def vae_run(data_dir, tmp_path_factory) -> str:
+    """What latent diffusion reads of the VAE run `ldm.autoencoder` names: its config.json
+    (the latent shape) and a checkpoint (the frozen weights). The `test` variant's text-free
+    VAE at its initial state: only `init` is compiled, no step trained or sampled."""
+    workdir = tmp_path_factory.mktemp("ldm_vae")
+    overrides = {"vae.conditional": False, "vae.prior": "standard"}
+    config, _, _, fns = build_method("experiments/vae_shapes.py", data_dir, workdir, **overrides)
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    checkpointer.save(0, fns.init(jax.random.key(0)), None)
+    checkpointer.close()
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def text_context(data_dir, tmp_path_factory) -> TextContext:
+    """Where each variant's text side trains its tokenizer (once: every variant has the same
+    vocab_size): the small data set's captions, whatever data set the variant names, so no
+    variant's data is built here. The tokenizer only sizes the text encoder's embedding."""
+    builder = sources.prepare("t2i_shapes", data_dir, "small")
+    return TextContext(str(tmp_path_factory.mktemp("text")), builder, seed=0)
+
+
+def abstract_init(config, text_context):
+    """(method, its frozen weights, the abstract TrainState of `method.init` at the
+    variant's batch size)."""
+    config_lib.validate(config)
+    registry.check_names(config)
+    method = registry.build_method(config, registry.build_text(config, text_context))
+    frozen = method.load_frozen()
+    state = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
+    return method, frozen, state
+
+
+def param_count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_variant_builds_and_initialises(experiment, request, text_context):
+    counts = {}
+    for variant in VARIANTS:
+        config = load(experiment, variant)
+        assert config.method == experiment.split("_")[0], variant
+        if config.method == "ldm":
+            config.ldm.autoencoder = request.getfixturevalue("vae_run")
+        method, frozen, state = abstract_init(config, text_context)
+        leaves = jax.tree.leaves(state.params)
+        assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), variant
+        assert all(math.prod(x.shape) > 0 for x in leaves), variant
+        # The EMA copies (a GAN's: the generator only) are of trained networks; every
+        # family has an optimizer state to restore.
+        assert set(state.ema_params) <= set(state.params), variant
+        assert jax.tree.leaves(state.opt_state), variant
+        counts[variant] = param_count(state.params)
+        if config.method == "ldm":
+            # The UNet denoises the autoencoder's latents, not pixels: it reads and writes
+            # latent_channels, on the latent grid.
+            channels = method.vae.latent_shape[-1]
+            unet = state.params["model"]["unet"]
+            assert unet["conv_in"]["kernel"].shape[2] == channels, variant
+            assert unet["conv_out"]["kernel"].shape[3] == channels, variant
+            assert method.sample_shape == tuple(method.vae.latent_shape) == (8, 8, channels)
+            # The autoencoder is frozen: its weights are the run's frozen ones, not state.
+            assert "autoencoder" not in state.params["model"], variant
+            assert param_count(frozen["autoencoder"]) > 0
+        else:
+            assert frozen == {}, variant  # nothing pretrained in these experiments
+    # `full` is the accelerator's larger model; `test` the smallest.
+    assert counts["full"] > counts["demo"] > counts["test"], counts
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_sweep_run_config_passes_the_checks(sweep, variant):
+    """`t2i ablate` checks every run's config before the first trains: each must pass."""
+    spec = f"{os.path.join(REPO, 'experiments', 'sweeps', sweep)}:{variant}"
+    sweep_dict = load_sweep(spec)
+    configs = run_configs(sweep_dict, [])
+    assert list(configs) == list(sweep_dict["runs"]) and len(configs) >= 2
+    for name, config in configs.items():
+        key, value = next(iter(sweep_dict["runs"][name].items()))
+        assert config_lib.flatten(config)[key] == value
