@@ -15,6 +15,7 @@ import dataclasses
 import grain.python as grain
 import jax
 import numpy as np
+from absl import flags
 
 from t2i_jax.data.sources import decode_caption
 from t2i_jax.errors import ConfigError, DataError
@@ -115,6 +116,10 @@ def make_loader(
         num_epochs=num_epochs,
         seed=seed,
     )
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain hands the parent's absl flags to its worker processes, and reading unparsed
+        # flags raises; `t2i` parses its own command line, so there are none to parse.
+        flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,

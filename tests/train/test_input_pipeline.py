@@ -83,10 +83,9 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="product bugs: (1) grain's worker processes read absl flags that nothing parses "
-    "(UnparsedFlagAccessError; `t2i train --config.data.workers=2` fails the same way); "
-    "(2) grain.Batch runs inside each worker, so with 2 workers batch 0 holds the sampler's "
-    "records 0, 2, ..., 14 and batch 1 records 1, 3, ..., 15, not 0-7 and 8-15",
+    raises=AssertionError,
+    reason="known bug: grain.Batch runs inside each worker, so with 2 workers batch 0 holds "
+    "the sampler's records 0, 2, ..., 14 and batch 1 records 1, 3, ..., 15, not 0-7 and 8-15",
 )
 def test_workers_read_the_batches_of_the_main_process(parts):
     """`data.workers` moves the reading to other processes and changes nothing else: the
@@ -97,10 +96,6 @@ def test_workers_read_the_batches_of_the_main_process(parts):
 def test_worker_iterator_state_resumes_exactly(parts):
     """With workers, as without: a loader given a saved iterator state (what a checkpoint
     holds) reads the batches that followed it."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (see the xfail above)
-        flags.FLAGS.mark_as_parsed()
     it = iter(loader(parts, worker_count=2))
     for _ in range(3):
         next(it)
