@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax import config as config_lib
+from t2i_jax import sharding
 from t2i_jax.cli import _split_config_overrides
 from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import loop, sharding
+from t2i_jax.train import loop
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
