@@ -30,9 +30,11 @@ SIZE = 48  # of the small images (upsampled to 299); one compiled shape serves s
 BATCH = 4
 # Relative to the largest feature. float32 through ~95 layers, convolutions summing up to
 # 2048 x 9 products in another order than torch's; the calibrated network amplifies
-# rounding: measured ours vs pytorch-fid 3.5e-5 on photos, while pytorch-fid's own float32
-# run is 1.1e-4 off its float64 run (see test_feature_differences_are_float32_rounding).
-FEATURE_TOL = 5e-5
+# rounding: measured ours vs pytorch-fid 3.5e-5 on photos, and 5.6e-5 in one of 8,192
+# pool3 values on another run of the same test (a different CPU's kernels), while
+# pytorch-fid's own float32 run is 1.1e-4 off its float64 run (see
+# test_feature_differences_are_float32_rounding): the bound is that float32 rounding.
+FEATURE_TOL = 1e-4
 
 
 def _photos(size: int, count: int, offset: int = 0) -> np.ndarray:

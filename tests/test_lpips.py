@@ -25,6 +25,7 @@ from skimage import data as skdata
 from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import lpips as ours
 from t2i_jax.metrics import perceptual
+from t2i_jax.nets import lpips as lpips_net
 from t2i_jax.nets import lpips_backbones
 from t2i_jax.nets.torch_weights import load_state_dict
 
@@ -80,7 +81,7 @@ def save_backbone(model: lpips.LPIPS, path, legacy: bool = False) -> str:
 
 
 def scaled(x: np.ndarray) -> np.ndarray:
-    return (x - np.asarray(ours.SHIFT, np.float32)) / np.asarray(ours.SCALE, np.float32)
+    return (x - np.asarray(lpips_net.SHIFT, np.float32)) / np.asarray(lpips_net.SCALE, np.float32)
 
 
 @pytest.mark.parametrize("net", NETS)
@@ -150,7 +151,7 @@ def test_wrong_backbone_file_is_a_checkpoint_error(tmp_path):
 def test_shipped_linear_weights_equal_lpips_package(net):
     package = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth")
     expected = torch.load(package, map_location="cpu", weights_only=True)
-    shipped = load_state_dict(ours.linear_weights_file(net))
+    shipped = load_state_dict(lpips_net.linear_weights_file(net))
     assert sorted(shipped) == sorted(expected)
     for name, tensor in expected.items():
         assert shipped[name].dtype == np.float32
@@ -158,7 +159,7 @@ def test_shipped_linear_weights_equal_lpips_package(net):
     # ...and they are what the torch model computes with.
     for k, layer in enumerate(torch_lpips(net).lins):
         torch_weight = layer.model[-1].weight.detach().numpy()[0, :, 0, 0]
-        np.testing.assert_array_equal(ours.load_linear_weights(net)[k], torch_weight)
+        np.testing.assert_array_equal(lpips_net.load_linear_weights(net)[k], torch_weight)
 
 
 class _Payload:
@@ -214,7 +215,7 @@ def test_lpips_gradient_is_finite(photos):
     params = ours.load_lpips("alex", random_backbone_seed=0)
     # The first image scales to exactly 0, so with zero biases every tap is all-zero there:
     # sqrt'(0) of the channel norm is infinite; the ReLUs must keep it out of the gradient.
-    x = jnp.stack([jnp.broadcast_to(jnp.asarray(ours.SHIFT), (64, 64, 3)), photos[0]])
+    x = jnp.stack([jnp.broadcast_to(jnp.asarray(lpips_net.SHIFT), (64, 64, 3)), photos[0]])
     grad = jax.jit(jax.grad(lambda a: ours.lpips_distance(params, a, photos[1:3]).sum()))(x)
     assert np.all(np.isfinite(grad)) and np.any(grad[1] != 0)
 
