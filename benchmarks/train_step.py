@@ -25,6 +25,7 @@ from t2i_jax import sharding
 from t2i_jax.cli import _split_config_overrides
 from t2i_jax.data import sources
 from t2i_jax.methods import registry
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop
 
@@ -65,7 +66,7 @@ def main() -> None:
 
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     with tempfile.TemporaryDirectory() as workdir:
-        text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+        text = build_text(config, TextContext(workdir, builder, config.seed))
     vocab_size = text.vocab_size
     method = registry.build_method(config, text)
     fns = loop.compile_functions(method, config, sharding.make_mesh(), method.load_frozen())

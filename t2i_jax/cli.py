@@ -221,9 +221,8 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
     if not args.workdir:
         raise UserError("t2i sample needs --workdir")
     config = read_config(args.workdir)
-    options_parser = _sample_options_parser(
-        config.method, method_class(config.method).sample_options
-    )
+    options = method_class(config.method).sample_options
+    options_parser = _sample_options_parser(config.method, options)
     if args.help:
         options_parser.print_help()
         return 0
@@ -231,10 +230,9 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
         raise UserError("t2i sample needs --prompt (repeatable) and --out")
     known, unknown = options_parser.parse_known_args(extra)
     if unknown:
-        flags = [o.option_strings[0] for o in options_parser._actions] or ["none"]
+        flags = " ".join(o.flag for o in options) or "none"
         raise UserError(
-            f"{unknown[0]} does not apply to a {config.method} run; its sample options: "
-            f"{' '.join(flags)}"
+            f"{unknown[0]} does not apply to a {config.method} run; its sample options: {flags}"
         )
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")

@@ -121,6 +121,7 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     from t2i_jax import sharding
     from t2i_jax.data import sources
     from t2i_jax.methods import registry
+    from t2i_jax.text.encoders import build_text
     from t2i_jax.text.setup import TextContext
     from t2i_jax.train import loop
 
@@ -128,7 +129,7 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     config.data.dir = str(data_dir)
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(str(workdir), builder, config.seed))
+    text = build_text(config, TextContext(str(workdir), builder, config.seed))
     method = registry.build_method(config, text)
     mesh = sharding.make_mesh(jax.devices()[:1])
     fns = loop.compile_functions(method, config, mesh, method.load_frozen())

@@ -16,6 +16,7 @@ from t2i_jax.data import sources
 from t2i_jax.eval.ablate import load_sweep, run_configs
 from t2i_jax.methods import registry
 from t2i_jax.runs.loading import batch_spec
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 
 EXPERIMENTS = sorted(
@@ -67,7 +68,7 @@ def abstract_init(config, text_context):
     variant's batch size)."""
     config_lib.validate(config)
     registry.check_names(config)
-    method = registry.build_method(config, registry.build_text(config, text_context))
+    method = registry.build_method(config, build_text(config, text_context))
     frozen = method.load_frozen()
     state = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
     return method, frozen, state

@@ -261,6 +261,11 @@ class Method:
                 raise UserError(f"sample option {name}={value!r}: choose from {choices}")
 
 
+def _positional(fn) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
 def check_contract(cls: type) -> None:
     """TypeError for a family class that breaks the contract: a misspelt hook, a hook
     whose signature drops the trainer's arguments, validation stats without metrics, or a
@@ -275,13 +280,14 @@ def check_contract(cls: type) -> None:
                 f"{cls.__name__}.{name} looks like the hook '{close[0]}' misspelt; rename it "
                 "(or give a helper a name unlike any hook's)"
             )
-    for name in (*REQUIRED_HOOKS, *OPTIONAL_HOOKS[2:]):
+    # The hooks the trainer calls with positional arguments (check_config and load_frozen
+    # take none beyond the class or instance).
+    for name in (*REQUIRED_HOOKS, "reconstruct", "validation_stats"):
         mine = getattr(cls, name)
         if mine is getattr(Method, name):
             continue
-        wanted = list(inspect.signature(getattr(Method, name)).parameters)
-        got = list(inspect.signature(mine).parameters)
-        if got[: len(wanted) - (name == "sample")] != wanted[: len(wanted) - (name == "sample")]:
+        wanted = _positional(getattr(Method, name))  # **options of sample are the family's
+        if _positional(mine)[: len(wanted)] != wanted:
             raise TypeError(
                 f"{cls.__name__}.{name}{inspect.signature(mine)} must take "
                 f"{', '.join(wanted)} in this order"

@@ -14,11 +14,8 @@ import ml_collections
 from t2i_jax.config import choose
 from t2i_jax.data.datasets import DATASETS
 from t2i_jax.methods.base import Method, check_method_config
-from t2i_jax.text.encoders import TEXT_ENCODERS, build_text
+from t2i_jax.text.encoders import TEXT_ENCODERS
 from t2i_jax.text.setup import TextSetup
-
-# build_text: the text setup comes first, then the family (build_method) gets it.
-__all__ = ["METHODS", "build_method", "build_text", "check_names", "method_class"]
 
 
 def _diffusion():

@@ -79,20 +79,22 @@ def load(workdir: str) -> Frozen:
     return frozen
 
 
-def load_or_create(workdir: str, method: Method, *, primary: bool) -> Frozen:
-    """The run's frozen params: its store if it has one, else the method's `load_frozen()`,
-    stored by the primary process (the others wait for it, then read the same files)."""
-    if not exists(workdir):
-        frozen = method.load_frozen()
-        if not frozen:
-            return {}
-        if primary:
-            save(workdir, frozen)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+def load_or_create(workdir: str, method: Method, *, write: bool) -> Frozen:
+    """The run's frozen params: its store if it has one (checked), else the method's
+    `load_frozen()`, which the primary process stores when `write` (a training start);
+    every process keeps the copy it read, so nothing is read back."""
+    if exists(workdir):
+        frozen = load(workdir)
+        _check_text_encoder(workdir, method, frozen)
+        return frozen
+    frozen = method.load_frozen()
+    if frozen and write and jax.process_index() == 0:
+        save(workdir, frozen)
+    return frozen
 
-            multihost_utils.sync_global_devices(f"frozen store {workdir}")
-    frozen = load(workdir)
+
+def _check_text_encoder(workdir: str, method: Method, frozen: Frozen) -> None:
+    """A frozen encoder's stored weights are the ones the run recorded when it started."""
     setup = method.text_setup
     if setup.frozen and setup.weights_digest:
         stored = params_digest(frozen.get("text_encoder", {}))
@@ -101,4 +103,3 @@ def load_or_create(workdir: str, method: Method, *, primary: bool) -> Frozen:
                 f"{_path(workdir)}: the stored text encoder is not the one this run started "
                 f"with (digest {stored[:12]}, the run recorded {setup.weights_digest[:12]})"
             )
-    return frozen

@@ -16,6 +16,7 @@ from t2i_jax.errors import CheckpointError, UserError
 from t2i_jax.methods import registry
 from t2i_jax.methods.base import Frozen, Method, TrainState
 from t2i_jax.runs import frozen_store
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.text.tokenizer import CaptionTokenizer
 
@@ -70,14 +71,14 @@ def load_run(workdir: str) -> Run:
     """The run's latest checkpoint, with its method and frozen weights (on this process's
     devices, replicated)."""
     config = read_config(workdir)
-    text = registry.build_text(config, TextContext(workdir, builder=None, seed=config.seed))
+    text = build_text(config, TextContext(workdir, builder=None, seed=config.seed))
     method = registry.build_method(config, text)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     step = checkpointer.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     mesh = sharding.make_mesh()
-    frozen = frozen_store.load_or_create(workdir, method, primary=False)
+    frozen = frozen_store.load_or_create(workdir, method, write=False)
     frozen = jax.device_put(frozen, sharding.replicated(mesh))
     state = checkpointer.restore(step, abstract_state(method, config, mesh, frozen))
     checkpointer.close()

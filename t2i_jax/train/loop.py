@@ -34,6 +34,7 @@ from t2i_jax.runs import frozen_store
 from t2i_jax.runs.loading import abstract_state, batch_spec
 from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext, TextSetup, params_digest
 from t2i_jax.train import input_pipeline, report
 from t2i_jax.train.logging import MetricWriter
@@ -177,10 +178,10 @@ def train_and_evaluate(
         raise UserError(f"workdir is not a directory: {workdir}")
     os.makedirs(workdir, exist_ok=True)
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+    text = build_text(config, TextContext(workdir, builder, config.seed))
     method = registry.build_method(config, text)
     # Before config.json: a refused resume (other BERT weights, no VAE run) changes no file.
-    frozen = frozen_store.load_or_create(workdir, method, primary=primary)
+    frozen = frozen_store.load_or_create(workdir, method, write=True)
     if primary:
         _write_config(config, workdir)
     tokenizer = text.tokenizer

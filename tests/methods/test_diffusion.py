@@ -7,6 +7,7 @@ import pytest
 from t2i_jax import sharding
 from t2i_jax.data import sources
 from t2i_jax.methods import registry, text_conditioning
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop
 
@@ -16,7 +17,7 @@ VOCAB = 64  # Random batches draw ids below this; the test tokenizer has more.
 def build_method(config, tmp_path):
     """The config's method with its text side (tokenizer trained on the test data)."""
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(str(tmp_path), builder, config.seed))
+    text = build_text(config, TextContext(str(tmp_path), builder, config.seed))
     assert text.vocab_size > VOCAB
     return registry.build_method(config, text)
 

@@ -16,6 +16,7 @@ from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.methods.diffusion import Diffusion
 from t2i_jax.runs.loading import load_run
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train.loop import train_and_evaluate
 
@@ -44,7 +45,7 @@ def ldms(vae_run, data_dir, tmp_path_factory):
         config.data.dir = data_dir
         config.ldm.update(autoencoder=vae_run, latent_scale=scale)
         builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-        text = registry.build_text(config, TextContext(workdir, builder, config.seed))
+        text = build_text(config, TextContext(workdir, builder, config.seed))
         built[scale] = (config, builder, registry.build_method(config, text))
     return built
 

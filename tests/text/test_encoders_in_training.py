@@ -15,9 +15,9 @@ from helpers import tiny_bert_folder
 from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.data import sources
 from t2i_jax.errors import CheckpointError, ConfigError
-from t2i_jax.methods import registry
 from t2i_jax.runs.loading import load_run
 from t2i_jax.text import bert_package, bert_weights
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop
 from t2i_jax.train.logging import read_metrics
@@ -71,7 +71,7 @@ def frozen_runs(tiny_bert, data_dir, tmp_path_factory):
     # What a second run of the same config opens: the same cache, nothing built.
     config.text.cache_features = True
     builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(str(root / "again"), builder, config.seed))
+    text = build_text(config, TextContext(str(root / "again"), builder, config.seed))
     before = set(cache_dirs(config))
     again = loop._text_feature_cache(config, builder, text)
     made["again"] = set(cache_dirs(config)) - before
@@ -169,7 +169,7 @@ def test_pipeline_attaches_each_examples_cached_features(frozen_runs, tmp_path):
 
     _, _, config, cache = frozen_runs
     builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(str(tmp_path), builder, config.seed))
+    text = build_text(config, TextContext(str(tmp_path), builder, config.seed))
     loader = pipeline.make_loader(
         builder.as_data_source("train"),
         text.tokenizer,

@@ -13,6 +13,7 @@ from t2i_jax import rng, sharding
 from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.runs import frozen_store
+from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
 from t2i_jax.train import input_pipeline, loop
 
@@ -32,7 +33,7 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     the records (`input_pipeline.make_loader`), so here two loaders read shards 0 and 1 of 2."""
     config = config_lib.from_json((workdir / "config.json").read_text())
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    text = registry.build_text(config, TextContext(str(workdir), None, config.seed))
+    text = build_text(config, TextContext(str(workdir), None, config.seed))
     method = registry.build_method(config, text)
     frozen = frozen_store.load_or_create(str(workdir), method, primary=False)
     fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()[:2]), frozen)
