@@ -35,7 +35,7 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     text = build_text(config, TextContext(str(workdir), None, config.seed))
     method = registry.build_method(config, text)
-    frozen = frozen_store.load_or_create(str(workdir), method, primary=False)
+    frozen = frozen_store.load_or_create(str(workdir), method, write=False)
     fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()[:2]), frozen)
     shards = [
         iter(
