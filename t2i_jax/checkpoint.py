@@ -11,6 +11,14 @@ import orbax.checkpoint as ocp
 
 from t2i_jax.errors import CheckpointError
 
+# A replicated array is written whole by its first replica. orbax's default on CPU and TPU
+# splits each one into per-replica slices on device first: one dispatched (and, per shape,
+# compiled) slice per array and device, every save: measured on 8 CPU devices, 7 s to save
+# a state of 1,000 arrays (0.9M numbers), 16k slice ops. FSDP shards the large tensors.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+)
+
 
 class Checkpointer:
     """Saves every `save_every` steps (and on demand), keeps the last `max_to_keep`."""

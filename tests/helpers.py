@@ -136,6 +136,26 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     return config, builder, method, fns
 
 
+def untrained_vae_run(data_dir, workdir) -> str:
+    """What latent diffusion reads of the VAE run `ldm.autoencoder` names: its config.json
+    (the latent shape) and a checkpoint (the frozen weights). The `test` variant's text-free
+    VAE at its initial state (random, non-zero weights throughout, EMA equal to them): only
+    `init` is compiled, no step trained, validated or sampled."""
+    import jax
+
+    from t2i_jax import config as config_lib
+    from t2i_jax.checkpoint import Checkpointer
+
+    overrides = {"vae.conditional": False, "vae.prior": "standard"}
+    config, _, _, fns = build_method("experiments/vae_shapes.py", data_dir, workdir, **overrides)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    checkpointer.save(0, fns.init(jax.random.key(0)), None)
+    checkpointer.close()
+    return str(workdir)
+
+
 def real_batch(config, builder, method, split: str = "train") -> dict:
     """The first train.batch_size records of `split` as a batch (images in [-1, 1])."""
     import jax.numpy as jnp

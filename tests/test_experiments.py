@@ -8,10 +8,9 @@ import os
 
 import jax
 import pytest
-from helpers import REPO, build_method
+from helpers import REPO, untrained_vae_run
 
 from t2i_jax import config as config_lib
-from t2i_jax.checkpoint import Checkpointer
 from t2i_jax.data import sources
 from t2i_jax.eval.ablate import load_sweep, run_configs
 from t2i_jax.methods import registry
@@ -41,17 +40,7 @@ def test_the_experiments_are_found():
 
 @pytest.fixture(scope="module")
 def vae_run(data_dir, tmp_path_factory) -> str:
-    """What latent diffusion reads of the VAE run `ldm.autoencoder` names: its config.json
-    (the latent shape) and a checkpoint (the frozen weights). The `test` variant's text-free
-    VAE at its initial state: only `init` is compiled, no step trained or sampled."""
-    workdir = tmp_path_factory.mktemp("ldm_vae")
-    overrides = {"vae.conditional": False, "vae.prior": "standard"}
-    config, _, _, fns = build_method("experiments/vae_shapes.py", data_dir, workdir, **overrides)
-    (workdir / "config.json").write_text(config_lib.to_json(config))
-    checkpointer = Checkpointer(str(workdir / "checkpoints"))
-    checkpointer.save(0, fns.init(jax.random.key(0)), None)
-    checkpointer.close()
-    return str(workdir)
+    return untrained_vae_run(data_dir, tmp_path_factory.mktemp("ldm_vae"))
 
 
 @pytest.fixture(scope="module")

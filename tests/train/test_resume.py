@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, untrained_vae_run
 
 from t2i_jax import config as config_lib
 from t2i_jax.runs.loading import load_run
@@ -47,11 +47,8 @@ def test_resume_is_bitwise_equal(experiment, data_dir, tmp_path):
     diffusion's, with its frozen autoencoder."""
     test_config = load_test_config(experiment, data_dir)
     if experiment == "ldm_shapes.py":  # first the text-free VAE it reads
-        vae = load_test_config("vae_shapes.py", data_dir)
-        vae.vae.update(conditional=False, prior="standard")
-        vae.train.steps = 1
-        train_and_evaluate(vae, str(tmp_path / "vae"), show_progress=False)
-        test_config.ldm.autoencoder = str(tmp_path / "vae")
+        os.makedirs(tmp_path / "vae")
+        test_config.ldm.autoencoder = untrained_vae_run(data_dir, tmp_path / "vae")
     n = 3
     test_config.train.steps = 2 * n
     test_config.train.checkpoint_every = n
