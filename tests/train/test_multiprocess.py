@@ -6,7 +6,7 @@ import socket
 
 import jax
 import numpy as np
-from helpers import start_cli, train_args
+from helpers import run_cli, start_cli, train_args
 
 from t2i_jax import config as config_lib
 from t2i_jax import rng, sharding
@@ -15,7 +15,7 @@ from t2i_jax.methods import registry
 from t2i_jax.runs import frozen_store
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import input_pipeline, loop
+from t2i_jax.train import input_pipeline, loop, multihost
 
 
 def free_port() -> int:
@@ -110,3 +110,32 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
         assert row["loss"] == want["loss"], row["step"]
         for name, value in want.items():
             np.testing.assert_allclose(row[name], value, rtol=1e-6, err_msg=name)
+
+
+def test_process_flags_need_a_coordinator(tmp_path, data_dir):
+    """--num-processes / --process-id alone would start a process that waits for peers it
+    cannot find: refused before anything starts."""
+    for flags in (["--num-processes", "2"], ["--process-id", "1"]):
+        result = run_cli(*train_args(tmp_path / "run", data_dir), *flags)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "t2i: error: --num-processes and --process-id need --coordinator HOST:PORT"
+        ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cluster_launch_is_detected(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    assert multihost.detected_cluster() is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0"}
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join
+    assert multihost.detected_cluster() is None
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert multihost.detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
+    assert multihost.detected_cluster() == "tpu"
