@@ -61,23 +61,19 @@ def mesh_shape(config: ml_collections.ConfigDict | None, num_devices: int) -> tu
     """(data, fsdp, tensor) sizes; one -1 takes the devices the others leave."""
     mesh = mesh_config(config)
     sizes = [int(mesh[axis]) for axis in MESH_AXES]
+    shown = lambda: ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ConfigError(
-            f"mesh sizes must be positive, with at most one -1: {dict(zip(MESH_AXES, sizes))}"
-        )
+        raise ConfigError(f"mesh sizes must be positive, with at most one -1: {shown()}")
     if sizes[2] != 1:
         raise ConfigError(f"mesh.tensor={sizes[2]}: tensor parallelism is reserved (size 1)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ConfigError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"
-            )
+            raise ConfigError(f"mesh {shown()} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-            f"there are {num_devices}"
+            f"mesh {shown()} needs {math.prod(sizes)} devices, there are {num_devices}"
         )
     return tuple(sizes)
 

@@ -108,7 +108,9 @@ def test_checkpoints_restore_across_meshes(method_and_batch, tmp_path):
     on4 = restore_on(tmp_path / "on8", jax.devices()[:4], data=1, fsdp=4)
     on1 = restore_on(tmp_path / "on8", jax.devices()[:1])
     for restored in (on4, on1):
-        for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
 
     back = Checkpointer(str(tmp_path / "on1"))
@@ -116,5 +118,5 @@ def test_checkpoints_restore_across_meshes(method_and_batch, tmp_path):
     back.close()
     on8 = restore_on(tmp_path / "on1", jax.devices(), data=2, fsdp=4)
     assert any("fsdp" in leaf.sharding.spec for leaf in jax.tree.leaves(on8.params))
-    for a, b in zip(jax.tree.leaves(jax.device_get(on8)), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(jax.device_get(on8)), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
