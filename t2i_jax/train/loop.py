@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -37,7 +36,7 @@ from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext, TextSetup, params_digest
-from t2i_jax.train import input_pipeline, multihost, report
+from t2i_jax.train import input_pipeline, multihost, report, throughput
 from t2i_jax.train.logging import MetricWriter
 from t2i_jax.train.validation import make_validator
 
@@ -176,6 +175,17 @@ def compile_functions(
     )
 
 
+def _throughput_meter(fns: TrainFunctions, config, mesh) -> throughput.Throughput:
+    """FLOPs of one step (XLA's cost analysis of the lowered step: tracing is shared with
+    the first call, nothing extra is compiled) and the device's peak."""
+    batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
+    key = jax.random.key(0)
+    flops = throughput.step_flops(fns.step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
+    peak, source = throughput.device_peak(mesh.devices.flat[0])
+    log.info("train step: %.4g FLOPs; device peak %.4g FLOP/s (%s)", flops, peak, source)
+    return throughput.Throughput(config.train.batch_size, flops, mesh.size, peak)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, devices=None, show_progress=True
 ) -> dict:
@@ -271,27 +281,27 @@ def train_and_evaluate(
             dynamic_ncols=True,
             desc="train",
         )
-        tick, tick_step = time.perf_counter(), step
+        meter = _throughput_meter(fns, config, mesh)
         with _StopOnSignal() as stop:
             while step < total:
                 batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
                 state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
                 step += 1
+                meter.step()
                 progress.update(1)
-                row, tb_only = {}, {}
+                row, perf = {}, None
                 if step % config.train.log_every == 0 or step == total:
                     row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-                    now = time.perf_counter()
-                    tb_only["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
-                    tick, tick_step = now, step
+                    perf = meter.measure()  # the host waited for the step just above
                 if validate is not None and (step % eval_every == 0 or step == total):
                     row.update(validate(state.ema_params))
                 if row:
                     last_metrics = row
-                    writer.write(step, row, tb_only=tb_only)
+                    writer.write(step, row, perf=perf)
                     shown = {k: f"{row[k]:.4f}" for k in curves if k in row}
-                    if tb_only:
-                        shown["steps_per_s"] = f"{tb_only['steps_per_sec']:.2f}"
+                    if perf:
+                        shown["img/s"] = f"{perf['images_per_sec']:.1f}"
+                        shown["mfu"] = f"{perf['mfu']:.1%}"
                     progress.set_postfix(**shown)
                 stopped = stop.agreed()
                 if step % config.train.checkpoint_every == 0 or step == total or stopped:

@@ -125,7 +125,7 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
     assert [row["step"] for row in rows] == sorted(expected)
     for row in rows:
         want = expected[row["step"]]
-        assert set(row) - {"step"} == set(want)
+        assert set(row) - {"step", "perf"} == set(want)
         assert row["loss"] == want["loss"], row["step"]
         for name, value in want.items():
             np.testing.assert_allclose(row[name], value, rtol=1e-6, err_msg=name)
