@@ -205,16 +205,17 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 @pytest.mark.parametrize(
     "signals",
     [
-        # Ctrl-C and then a preemption, each once a checkpoint of its leg is written.
-        (signal.SIGINT, signal.SIGTERM),
+        # Ctrl-C once checkpoint 10 is written. (SIGTERM takes the same path: it stops
+        # and resumes two processes together in train/test_multiprocess.py.)
+        (signal.SIGINT,),
         (signal.SIGKILL,),
     ],
-    ids=["SIGINT-then-SIGTERM", "SIGKILL"],
+    ids=["SIGINT", "SIGKILL"],
 )
 def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, signals):
-    """A run stopped by each signal in turn, then finished, writes the same log and final
-    grid as `reference`: SIGINT and SIGTERM save a checkpoint and exit 75; after SIGKILL the
-    run continues from its last periodic checkpoint."""
+    """A run stopped by a signal, then finished, writes the same log and final grid as
+    `reference`: SIGINT (like SIGTERM, one handler) saves a checkpoint and exits 75; after
+    SIGKILL the run continues from its last periodic checkpoint."""
     workdir = tmp_path / "stopped"
     for leg, sig in enumerate(signals, start=1):
         proc = _start(workdir, data_dir)

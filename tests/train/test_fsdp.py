@@ -44,10 +44,10 @@ def train(fns, batch, steps: int):
     return state, losses
 
 
-def test_fsdp_shards_the_state_and_trains_like_data_parallel(method_and_batch):
+def test_fsdp_shards_the_state_and_trains_like_one_device(method_and_batch):
     config, method, batch = method_and_batch
     fsdp = compiled(config, method, jax.devices(), data=1, fsdp=8)
-    data = compiled(config, method, jax.devices(), data=8, fsdp=1)
+    one = compiled(config, method, jax.devices()[:1])  # (8-way data parallel: test_diffusion)
     state, losses = train(fsdp, batch, steps=3)
 
     # Each device holds 1/8 of every tensor of MIN_SHARD elements or more: parameters, EMA
@@ -68,12 +68,11 @@ def test_fsdp_shards_the_state_and_trains_like_data_parallel(method_and_batch):
             assert math.prod(shard.data.shape) * 8 == leaf.size, name
     assert large >= 30  # the UNet's convolutions and attention, the text transformer
 
-    # Step 1's loss is computed from the same initial parameters, so it is equal up to the
-    # order of float32 sums (a batch mean over 8 shards either way, parameters gathered
-    # rather than replicated). Later steps compound Adam's normalisation of tiny
-    # gradients (v near 0 amplifies round-off to ~1e-6 of lr): 1e-3 absolute on parameters
-    # of scale ~0.1 after 3 steps, 1e-5 relative on the losses.
-    reference, ref_losses = train(data, batch, steps=3)
+    # The same math in another order: XLA sums the batch mean over 8 shards and gathers
+    # the parameters, one device does neither. float32 round-off only: measured 3.6e-7
+    # relative on the losses and 3.8e-8 absolute on the parameters after 3 steps; the
+    # bounds are those of the 1-vs-8-device data-parallel test (test_diffusion.py).
+    reference, ref_losses = train(one, batch, steps=3)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[0] != losses[2]  # the steps changed the parameters
     for a, b in zip(
@@ -81,7 +80,7 @@ def test_fsdp_shards_the_state_and_trains_like_data_parallel(method_and_batch):
         jax.tree.leaves(jax.device_get(reference.params)),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, atol=1e-3)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_checkpoints_restore_across_meshes(method_and_batch, tmp_path):

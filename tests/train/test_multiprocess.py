@@ -188,6 +188,7 @@ def test_a_signal_to_one_process_stops_both_and_a_dead_peer_ends_the_other(tmp_p
     waited = time.time() - killed
     assert procs[0].returncode != 0, err[-3000:]
     assert waited < 60, waited  # 10 s without heartbeats, then shutdown
+    assert "stopped sending heartbeats" in err, err[-3000:]
     procs[1].communicate()
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     assert max(row["step"] for row in rows) > step
