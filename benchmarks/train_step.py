@@ -33,20 +33,6 @@ from t2i_jax.text.setup import TextContext
 from t2i_jax.train import loop, throughput
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Achieved float32 FLOP/s of a large square matmul: the practical peak here."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(times))
-
-
 def random_batch(config, vocab_size: int) -> dict:
     b, size, length = config.train.batch_size, config.data.image_size, config.text.max_len
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -100,7 +86,7 @@ def main() -> None:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_time = float(np.median(times))
-    peak = matmul_peak() * 1.0
+    peak = throughput.measured_matmul_peak(n=2048, repeats=10)
     achieved = flops / step_time
     params = sum(x.size for x in jax.tree.leaves(state.params))
     devices = jax.devices()
