@@ -2,9 +2,12 @@
 to a float32 matmul peak measured in the same run on the same devices.
 
   python benchmarks/train_step.py [--config experiments/diffusion_shapes.py:demo]
-      [--steps 20] [--config.KEY=VALUE ...]
+      [--steps 20] [--mesh data=1,fsdp=8] [--config.KEY=VALUE ...]
 
-Random batches of the config's shapes; the whole mesh of local devices, as in training.
+Random batches of the config's shapes; the whole mesh of local devices, as in training
+(`--mesh` sets the config's mesh sizes; simulate 8 CPU devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8). Also prints the compiled step's
+memory per device (XLA's memory analysis: arguments, outputs and temporaries).
 The text side (tokenizer, fitted or pretrained encoder) is built as a run builds it, from
 the config's data set (prepared on first use) in a temporary workdir.
 """
@@ -27,21 +30,7 @@ from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import loop
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Achieved float32 FLOP/s of a large square matmul: the practical peak here."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(times))
+from t2i_jax.train import loop, throughput
 
 
 def random_batch(config, vocab_size: int) -> dict:
@@ -60,24 +49,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="experiments/diffusion_shapes.py:demo")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mesh", default="", help="mesh sizes, e.g. data=1,fsdp=8")
     args = parser.parse_args(argv)
     config = config_lib.load_config(args.config)
-    config_lib.apply_overrides(config, overrides)
+    mesh_overrides = [f"mesh.{item}" for item in args.mesh.split(",") if item]
+    config_lib.apply_overrides(config, overrides + mesh_overrides)
 
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
     with tempfile.TemporaryDirectory() as workdir:
         text = build_text(config, TextContext(workdir, builder, config.seed))
     vocab_size = text.vocab_size
     method = registry.build_method(config, text)
-    fns = loop.compile_functions(method, config, sharding.make_mesh(), method.load_frozen())
+    mesh = sharding.make_mesh(config=config)
+    fns = loop.compile_functions(method, config, mesh, method.load_frozen())
     state = fns.init(jax.random.key(0))
     batch = jax.device_put(random_batch(config, vocab_size), fns.batch_sharding)
     key = jax.random.key(1)
 
-    compiled = fns.step_fn.lower(state, batch, key, fns.frozen).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan")))
+    lowered = fns.step_fn.lower(state, batch, key, fns.frozen)
+    flops = throughput.step_flops(lowered)  # all devices
+    memory = lowered.compile().memory_analysis()
+    per_device = sum(
+        getattr(memory, f, 0) or 0
+        for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    ) - (getattr(memory, "alias_size_in_bytes", 0) or 0)  # donated state: counted once
+    state_bytes = sum(
+        s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards[:1]
+    )
 
     state, metrics = fns.train_step(state, batch, key)  # warm-up
     jax.block_until_ready(metrics)
@@ -88,12 +86,13 @@ def main() -> None:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_time = float(np.median(times))
-    peak = matmul_peak() * 1.0
+    peak = throughput.measured_matmul_peak(n=2048, repeats=10)
     achieved = flops / step_time
     params = sum(x.size for x in jax.tree.leaves(state.params))
     devices = jax.devices()
     print(f"config            {args.config} {' '.join(overrides)}")
     print(f"devices           {len(devices)} x {devices[0].device_kind} ({platform.machine()})")
+    print(f"mesh              {dict(mesh.shape)}")
     print(f"parameters        {params:,}")
     print(f"batch             {config.train.batch_size}")
     print(f"step time         {step_time * 1e3:.1f} ms (median of {args.steps})")
@@ -102,6 +101,8 @@ def main() -> None:
     print(f"achieved          {achieved / 1e9:.1f} GFLOP/s")
     print(f"f32 matmul peak   {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, same run)")
     print(f"ratio             {achieved / peak:.1%}")
+    print(f"state per device  {state_bytes / 2**20:.1f} MiB (params, EMA, optimizer)")
+    print(f"step memory       {per_device / 2**20:.1f} MiB per device (XLA memory analysis)")
 
 
 if __name__ == "__main__":

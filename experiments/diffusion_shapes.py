@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = presets.adamw(3e-4, warmup_steps=200)
     c.train = presets.train(variant)
+    c.mesh = presets.mesh()
     c.sample = presets.samples(variant)
 
     if variant == "demo":

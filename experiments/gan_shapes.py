@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         o.schedule = "constant"
         o.grad_clip = 1e9  # no clipping (GANs rely on the penalties)
     c.train = presets.train(variant, steps=200_000, batch_size=64, log_every=100)
+    c.mesh = presets.mesh()
     c.sample = presets.samples(variant)
 
     if variant == "demo":

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = presets.train(
         variant, steps=100_000, batch_size=128, eval_every=2000, eval_batches=16
     )
+    c.mesh = presets.mesh()
     c.sample = presets.samples(variant)
 
     if variant == "demo":

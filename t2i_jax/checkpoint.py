@@ -8,6 +8,7 @@ import grain.python as grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from t2i_jax.errors import CheckpointError
 
@@ -21,17 +22,29 @@ ocp.type_handlers.register_type_handler(
 
 
 class Checkpointer:
-    """Saves every `save_every` steps (and on demand), keeps the last `max_to_keep`."""
+    """Saves the state and the data iterator's position at a step; keeps the last
+    `max_to_keep`.
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, read_only: bool = False):
+    With `async_save`, `save` returns once the state is copied to host memory (and the
+    iterator's position recorded) and the files are written in a background thread while
+    training goes on; the next save, `wait`, and `close` wait for it. A checkpoint becomes
+    visible (a step directory) only when complete, so a run killed mid-write resumes from
+    the one before. Without it, a save that returned is on disk."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int = 3,
+        read_only: bool = False,
+        async_save: bool = False,
+    ):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not read_only,
             read_only=read_only,
-            # Synchronous saves: a save that returned is complete, so a SIGKILL right
-            # after it loses nothing, and tests can compare files directly.
-            enable_async_checkpointing=False,
+            enable_async_checkpointing=async_save,
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -46,6 +59,9 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Until the last save is on disk (at once when saves are synchronous)."""
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state, data_iterator=None):
@@ -62,12 +78,15 @@ class Checkpointer:
         return restored["state"]
 
     def close(self) -> None:
+        """Waits for a save in flight, then releases the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 
 def read_latest_arrays(directory: str, item: str = "state") -> dict:
     """The latest checkpoint's `item` as nested dicts of numpy arrays, read without a
-    target (no method or mesh needed): how a run reads another run's weights."""
+    method or mesh (whatever mesh it was saved from): how a run reads another run's
+    weights."""
     checkpointer = Checkpointer(directory, read_only=True)
     try:
         step = checkpointer.latest_step()
@@ -75,8 +94,15 @@ def read_latest_arrays(directory: str, item: str = "state") -> dict:
             raise CheckpointError(f"no checkpoint in {checkpointer.directory}")
         where = os.path.join(checkpointer.directory, str(step))
         try:
+            # Onto this process's first device: the saving mesh's devices may not exist here.
+            handler = ocp.StandardCheckpointHandler()
+            metadata = handler.metadata(epath.Path(where) / item)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
+            )
             restored = checkpointer.manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
             )
         except Exception as e:  # orbax raises many types for unreadable files
             raise CheckpointError(f"cannot read checkpoint {where}: {e}") from e

@@ -61,15 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="experiment file.py[:variant]")
     train.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    multi = train.add_argument_group("multi-process (one process per host)")
+    multi = train.add_argument_group(
+        "multi-process (one process per host; automatic under SLURM and on TPU pods)"
+    )
     multi.add_argument(
         "--distributed",
         action="store_true",
-        help="jax.distributed.initialize() with the cluster's auto-detection",
+        help="jax.distributed.initialize() with its own cluster detection (e.g. Open MPI)",
     )
-    multi.add_argument("--coordinator", help="coordinator HOST:PORT (implies --distributed)")
-    multi.add_argument("--num-processes", type=int)
-    multi.add_argument("--process-id", type=int)
+    multi.add_argument("--coordinator", help="process 0's HOST:PORT, for any other launcher")
+    multi.add_argument("--num-processes", type=int, help="with --coordinator")
+    multi.add_argument("--process-id", type=int, help="with --coordinator: 0 .. N-1")
+    multi.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        help="seconds after which a silent peer counts as dead and the others exit (default 60)",
+    )
 
     sample = sub.add_parser(
         "sample",
@@ -166,27 +173,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _init_distributed(args) -> None:
-    import jax
-
-    # CPU hosts need a collectives backend; GPUs and TPUs ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
-
-
 def _train(args, overrides: list[str]) -> int:
     from t2i_jax import config as config_lib
+    from t2i_jax.train import multihost
     from t2i_jax.train.loop import Preempted, train_and_evaluate
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
-    if args.distributed or args.coordinator:
-        _init_distributed(args)
+    multihost.initialize(
+        distributed=args.distributed,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout=args.heartbeat_timeout or multihost.DEFAULT_HEARTBEAT_TIMEOUT,
+    )
     try:
         train_and_evaluate(config, args.workdir, show_progress=not args.no_progress)
     except Preempted as e:

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning as part
+
 zeros_init = nn.initializers.zeros
 
 
@@ -57,6 +59,13 @@ def causal_mask(num_queries: int, num_keys: int, offset: int | jax.Array = 0) ->
     return jnp.arange(num_keys)[None, :] <= (offset + jnp.arange(num_queries))[:, None]
 
 
+def attention_implementation(dtype: jnp.dtype, head_dim: int) -> str:
+    """cuDNN's fused attention on a GPU for the 16-bit dtypes and head sizes it takes,
+    else XLA's (every backend, every dtype; what CPU tests compare against)."""
+    fused = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+    return "cudnn" if jax.default_backend() == "gpu" and fused and head_dim <= 128 else "xla"
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention from `x` [B, Q, C] onto `context` [B, K, Dc].
 
@@ -76,7 +85,7 @@ class MultiHeadAttention(nn.Module):
       zero_init_out: start the output projection at zero.
       causal: mask keys after each query.
       cache_len: positions in the decoding cache.
-      softmax_fp32: take the softmax in float32 when `dtype` is not float32.
+      implementation: jax.nn.dot_product_attention's; None: attention_implementation's.
       dtype: compute dtype.
     """
 
@@ -85,7 +94,7 @@ class MultiHeadAttention(nn.Module):
     zero_init_out: bool = False
     causal: bool = False
     cache_len: int | None = None
-    softmax_fp32: bool = True
+    implementation: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -102,7 +111,12 @@ class MultiHeadAttention(nn.Module):
                 f"out_features={self.out_features} not divisible by num_heads={self.num_heads}"
             )
         head_dim = self.out_features // self.num_heads
-        proj = functools.partial(nn.DenseGeneral, (self.num_heads, head_dim), dtype=self.dtype)
+        proj = functools.partial(
+            part.DenseGeneral,
+            (self.num_heads, head_dim),
+            axes=(part.EMBED, part.HEADS, part.HEAD_DIM),
+            dtype=self.dtype,
+        )
         q = proj(name="query")(x)
         k = proj(name="key")(context)
         v = proj(name="value")(context)
@@ -127,18 +141,21 @@ class MultiHeadAttention(nn.Module):
         if self.causal:
             allowed = causal_mask(q.shape[1], k.shape[1], offset)[None, None]
             mask = allowed if mask is None else mask & allowed
-        out = nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            deterministic=True,
-            dtype=self.dtype,
-            # Softmax in float32 keeps low-precision compute stable.
-            force_fp32_for_softmax=self.softmax_fp32 and self.dtype != jnp.float32,
-        )
-        return nn.DenseGeneral(
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
+        # XLA's attention on CPU and TPU; cuDNN's fused (flash) kernel on GPUs where it
+        # applies. Logits and softmax in float32 whatever the compute dtype.
+        if q.dtype == jnp.float64:  # exactness checks: jax.nn's softmax is float32 always
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        else:
+            implementation = self.implementation or attention_implementation(q.dtype, head_dim)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        return part.DenseGeneral(
             self.out_features,
+            axes=(part.HEADS, part.HEAD_DIM, part.EMBED),
             axis=(-2, -1),
             kernel_init=zeros_init if self.zero_init_out else nn.initializers.lecun_normal(),
             dtype=self.dtype,
@@ -162,7 +179,6 @@ class TransformerBlock(nn.Module):
       causal: causal self-attention.
       cross_attention: attend to `context` [B, L, Dc] at keys where `context_mask` [B, L].
       cache_len: the self-attention's decoding cache size (see MultiHeadAttention).
-      self_attn_softmax_fp32: the self-attention's `softmax_fp32`.
       dtype: compute dtype.
     """
 
@@ -172,7 +188,6 @@ class TransformerBlock(nn.Module):
     causal: bool = False
     cross_attention: bool = False
     cache_len: int | None = None
-    self_attn_softmax_fp32: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -195,7 +210,6 @@ class TransformerBlock(nn.Module):
             width,
             causal=self.causal,
             cache_len=self.cache_len,
-            softmax_fp32=self.self_attn_softmax_fp32,
             dtype=self.dtype,
             name="self_attn" if self.cross_attention else "attn",
         )(h, h, mask, decode=decode)
@@ -209,8 +223,10 @@ class TransformerBlock(nn.Module):
             )
             x = x + drop(h)
         h = nn.LayerNorm(dtype=self.dtype, name="norm3" if self.cross_attention else "norm2")(x)
-        h = nn.Dense(width * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(h)
-        h = nn.Dense(width, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
+        h = part.Dense(width * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(h)
+        h = part.Dense(width, axes=(part.MLP, part.EMBED), dtype=self.dtype, name="mlp_out")(
+            nn.gelu(h)
+        )
         return x + drop(h)
 
 
@@ -228,20 +244,20 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
         c_in = x.shape[-1]
         h = nn.silu(group_norm(c_in, self.dtype, "norm1")(x))
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv1")(h)
+        h = part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv1")(h)
         h = (
             h
-            + nn.Dense(self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))[
+            + part.Dense(self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))[
                 :, None, None, :
             ]
         )
         h = nn.silu(group_norm(self.out_channels, self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(
+        h = part.Conv(
             self.out_channels, (3, 3), kernel_init=zeros_init, dtype=self.dtype, name="conv2"
         )(h)
         if c_in != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
+            x = part.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
 
 
@@ -293,7 +309,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(
+        return part.Conv(
             self.out_channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype
         )(x)
 
@@ -312,4 +328,4 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(upsample_nearest(x))
+        return part.Conv(self.out_channels, (3, 3), dtype=self.dtype)(upsample_nearest(x))

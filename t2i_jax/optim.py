@@ -34,8 +34,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 
 
 def param_path(path: tuple) -> str:
-    """'text_encoder/layer_0/query/kernel' for a key path of a params pytree."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """'text_encoder/layer_0/query/kernel' for a key path of a params pytree (the same
+    with or without the logical-axis boxes of `partitioning`, whose `.value` is skipped)."""
+    keys = [k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
 
 def compile_patterns(patterns: Sequence[str], key: str) -> list[re.Pattern]:

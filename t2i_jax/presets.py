@@ -76,6 +76,17 @@ def adamw(lr: float, *, warmup_steps: int, b1: float = 0.9, b2: float = 0.99, em
     return o
 
 
+def mesh() -> ml_collections.ConfigDict:
+    """The device mesh (t2i_jax/sharding.py): `data` x `fsdp` x `tensor` devices, one -1
+    taking what the others leave. fsdp > 1 shards parameters and optimizer state."""
+    m = ml_collections.ConfigDict()
+    m.data = -1
+    m.fsdp = 1
+    m.tensor = 1  # reserved: tensor parallelism is not implemented
+    m.min_shard_size = 2**14  # smaller tensors stay replicated
+    return m
+
+
 def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     t.steps = 100_000
@@ -84,6 +95,8 @@ def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t.checkpoint_every = 2000
     t.sample_every = 5000
     t.keep_checkpoints = 3
+    # Checkpoints written in the background while training goes on (checkpoint.py).
+    t.async_checkpoints = True
     t.eval_every = 0  # validation metrics every N steps, for methods with any (0: off)
     t.eval_batches = 8  # validation batches per evaluation (file order)
     t.update(overrides)  # The experiment's own defaults; `test` is the same for all.

@@ -36,12 +36,12 @@ def cli_env() -> dict:
     return {**env, "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def start_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     """Starts the real `t2i` entry point without waiting for it."""
     return subprocess.Popen(
         [sys.executable, "-m", "t2i_jax.cli", *args],
         cwd=REPO,
-        env=cli_env(),
+        env={**cli_env(), **(env_extra or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -16,6 +16,7 @@ from t2i_jax.data import sources
 from t2i_jax.text import bert_package
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.train.logging import read_metrics
 
 # The `test` variant's 6 steps, checkpointed every 2 with the newest 2 kept.
 KEEP_TWO = ["--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2"]
@@ -46,6 +47,13 @@ def test_train_writes_the_workdir(trained):
     assert any(f.startswith("events") for f in os.listdir(workdir / "tb"))
     report = (workdir / "report.md").read_text()
     assert "samples/step_6.png" in report and "loss.png" in report
+    # Every logged row times its interval: images/s of the 8-image batches, the step's
+    # FLOPs over the interval per device, and MFU against the measured CPU peak.
+    for row in read_metrics(str(workdir), perf=True):
+        perf = row["perf"]
+        assert perf["images_per_sec"] == pytest.approx(8 * perf["steps_per_sec"])
+        assert perf["tflops_per_device"] > 0 and 0 < perf["mfu"] < 2, perf
+    assert "train step: " in result.stderr and "FLOPs; device peak" in result.stderr
 
 
 def test_resumes_from_the_older_kept_checkpoint(trained, tmp_path, data_dir):
@@ -60,7 +68,7 @@ def test_resumes_from_the_older_kept_checkpoint(trained, tmp_path, data_dir):
     assert result.returncode == 0, result.stderr
     assert "resumed from step 4" in result.stderr
     assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "6"]
-    assert (resumed / "metrics.jsonl").read_text() == (workdir / "metrics.jsonl").read_text()
+    assert read_metrics(str(resumed)) == read_metrics(str(workdir))  # timings aside
     final = "samples/step_6.png"
     assert (resumed / final).read_bytes() == (workdir / final).read_bytes()
 
@@ -197,16 +205,17 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 @pytest.mark.parametrize(
     "signals",
     [
-        # Ctrl-C and then a preemption, each once a checkpoint of its leg is written.
-        (signal.SIGINT, signal.SIGTERM),
+        # Ctrl-C once checkpoint 10 is written. (SIGTERM takes the same path: it stops
+        # and resumes two processes together in train/test_multiprocess.py.)
+        (signal.SIGINT,),
         (signal.SIGKILL,),
     ],
-    ids=["SIGINT-then-SIGTERM", "SIGKILL"],
+    ids=["SIGINT", "SIGKILL"],
 )
 def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, signals):
-    """A run stopped by each signal in turn, then finished, writes the same log and final
-    grid as `reference`: SIGINT and SIGTERM save a checkpoint and exit 75; after SIGKILL the
-    run continues from its last periodic checkpoint."""
+    """A run stopped by a signal, then finished, writes the same log and final grid as
+    `reference`: SIGINT (like SIGTERM, one handler) saves a checkpoint and exits 75; after
+    SIGKILL the run continues from its last periodic checkpoint."""
     workdir = tmp_path / "stopped"
     for leg, sig in enumerate(signals, start=1):
         proc = _start(workdir, data_dir)
@@ -214,7 +223,10 @@ def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
         assert not (workdir / "report.md").exists()
-        stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
+        # Complete checkpoints only: a background save that SIGKILL interrupted leaves a
+        # temporary directory, which resuming ignores.
+        saved = os.listdir(workdir / "checkpoints")
+        stopped_at = max(int(d) for d in saved if d.isdigit())
         assert 10 * leg <= stopped_at < LONG_STEPS
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL
@@ -226,7 +238,7 @@ def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_
     assert result.returncode == 0, result.stderr
     final = f"samples/step_{LONG_STEPS}.png"
     assert (workdir / final).read_bytes() == (reference / final).read_bytes()
-    assert (workdir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert read_metrics(str(workdir)) == read_metrics(str(reference))  # timings aside
 
 
 def test_data_prepare(tmp_path):

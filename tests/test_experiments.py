@@ -6,11 +6,14 @@ import glob
 import math
 import os
 
+import flax.linen as nn
 import jax
+import ml_collections
 import pytest
 from helpers import REPO, untrained_vae_run
 
 from t2i_jax import config as config_lib
+from t2i_jax import sharding
 from t2i_jax.data import sources
 from t2i_jax.eval.ablate import load_sweep, run_configs
 from t2i_jax.methods import registry
@@ -54,13 +57,32 @@ def text_context(data_dir, tmp_path_factory) -> TextContext:
 
 def abstract_init(config, text_context):
     """(method, its frozen weights, the abstract TrainState of `method.init` at the
-    variant's batch size)."""
+    variant's batch size, with its logical-axis boxes)."""
     config_lib.validate(config)
     registry.check_names(config)
     method = registry.build_method(config, build_text(config, text_context))
     frozen = method.load_frozen()
-    state = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
-    return method, frozen, state
+    boxed = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
+    return method, frozen, boxed
+
+
+def check_fsdp_annotations(boxed_params, variant: str) -> None:
+    """Every kernel and table of MIN_SHARD_SIZE elements or more names its logical axes,
+    and on an 8-way fsdp mesh one of its dimensions is split 8 ways."""
+    mesh = sharding.make_mesh(jax.devices(), ml_collections.ConfigDict({"mesh": {"fsdp": 8}}))
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    leaves = jax.tree_util.tree_leaves_with_path(boxed_params, is_leaf=is_box)
+    specs = sharding.state_shardings(boxed_params, mesh)
+    large = 0
+    for (path, leaf), spec in zip(leaves, jax.tree.leaves(specs), strict=True):
+        value = leaf.value if is_box(leaf) else leaf
+        if value.size < sharding.MIN_SHARD_SIZE:
+            continue
+        large += 1
+        name = f"{variant}: {jax.tree_util.keystr(path)} {value.shape}"
+        assert is_box(leaf), f"no logical axes: {name}"
+        assert "fsdp" in spec.spec, f"not sharded: {name}"
+    assert large > 0, variant
 
 
 def param_count(tree) -> int:
@@ -75,7 +97,10 @@ def test_every_variant_builds_and_initialises(experiment, request, text_context)
         assert config.method == experiment.split("_")[0], variant
         if config.method == "ldm":
             config.ldm.autoencoder = request.getfixturevalue("vae_run")
-        method, frozen, state = abstract_init(config, text_context)
+        method, frozen, boxed = abstract_init(config, text_context)
+        state = nn.unbox(boxed)
+        if variant != "test":  # the test variant's networks are mostly below the threshold
+            check_fsdp_annotations(boxed.params, variant)
         leaves = jax.tree.leaves(state.params)
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), variant
         assert all(math.prod(x.shape) > 0 for x in leaves), variant

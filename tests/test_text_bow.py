@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,7 +116,7 @@ def test_bag_of_words_masks_padding_and_projects_tfidf(corpus):
     for idf in (None, stats.idf_tuple()):
         for layer_norm in (True, False):
             model = BagOfWords(vocab, 32, idf=idf, layer_norm=layer_norm)
-            params = model.init(jax.random.key(0), batch_t, batch_m)
+            params = nn.unbox(model.init(jax.random.key(0), batch_t, batch_m))
             out = _apply(model)(params, batch_t, batch_m)
             assert out.seq is None and out.pooled.shape == (8, 32)
             np.testing.assert_array_equal(out.mask, batch_m)
@@ -138,7 +139,7 @@ def test_word_embedding_masks_padding_and_means(corpus):
     batch_t, batch_m = tokens[:8], mask[:8]
     table = np.random.default_rng(3).normal(size=(vocab, 16)).astype(np.float32)
     model = WordEmbedding(vocab, 16, embedding_init=matrix_init(table))
-    params = model.init(jax.random.key(0), batch_t, batch_m)
+    params = nn.unbox(model.init(jax.random.key(0), batch_t, batch_m))
     np.testing.assert_array_equal(params["params"]["embed"]["embedding"], table)
     out = _apply(model)(params, batch_t, batch_m)
     scrambled = _apply(model)(params, _scramble_padding(batch_t, batch_m, vocab), batch_m)

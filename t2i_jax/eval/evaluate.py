@@ -58,12 +58,11 @@ def generate(
 
     Batch b uses fold_in(key, b); the last batch is padded with its last caption (outputs
     dropped), so every call has one shape and the sampler compiles once. With a batch size
-    divisible by the device count, the batch is split over the devices.
+    divisible by the mesh's batch shards, the batch is split over the devices.
     """
-    mesh = sharding.make_mesh()
-    where = (
-        sharding.batch_sharding(mesh) if batch_size % mesh.size == 0 else sharding.replicated(mesh)
-    )
+    mesh = sharding.mesh_of(params) or sharding.make_mesh()  # the run's (maybe FSDP) mesh
+    split = batch_size % sharding.batch_shards(mesh) == 0
+    where = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
     out = []
     # Rows are encoded one caption at a time, so padding the encoded rows with the last one
     # equals encoding the last caption again.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,7 +149,7 @@ def _run_steps(model, params, steps: int, plan: Plan, order: np.ndarray, stream,
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _init(model, key, *inputs):
-    return model.init(key, *inputs)["params"]
+    return nn.unbox(model.init(key, *inputs)["params"])
 
 
 def train_probe(

@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning
 from t2i_jax.errors import CheckpointError
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextSetup
@@ -70,9 +71,11 @@ class TextConditioner:
         the pretrained ones when fine-tuning, else a random init."""
         if self.frozen:
             return {}
-        if self.setup.pretrained is not None:
-            return {NAME: jax.tree.map(jnp.asarray, self.setup.pretrained)}
-        return {NAME: self.encoder.init(rng, tokens, mask, train=False)["params"]}
+        init = lambda: self.encoder.init(rng, tokens, mask, train=False)["params"]
+        if self.setup.pretrained is not None:  # with the network's logical axes (FSDP)
+            pretrained = jax.tree.map(jnp.asarray, self.setup.pretrained)
+            return {NAME: partitioning.with_axes_of(jax.eval_shape(init), pretrained)}
+        return {NAME: init()}
 
     def params(self, trained: dict, frozen: dict | None):
         """The encoder's params: from the frozen weights or from a player's params."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2i_jax import partitioning as part
 from t2i_jax.errors import ConfigError
 from t2i_jax.layers import Downsample, ResBlock, Upsample, group_norm
 
@@ -40,7 +41,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         emb = _condition(cond, x.shape[0], self.dtype)
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = part.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.channel_mults):
             width = self.channels * mult
             for i in range(self.num_res_blocks):
@@ -51,7 +52,7 @@ class Encoder(nn.Module):
                 h = Downsample(width, self.dtype, name=f"down{level}_resample")(h)
         h = ResBlock(h.shape[-1], dtype=self.dtype, name="mid")(h, emb, train=False)
         h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+        h = part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
 
 
@@ -68,7 +69,7 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         emb = _condition(cond, z.shape[0], self.dtype)
         top = self.channels * self.channel_mults[-1]
-        h = nn.Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+        h = part.Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
         h = ResBlock(top, dtype=self.dtype, name="mid")(h, emb, train=False)
         for level in reversed(range(len(self.channel_mults))):
             width = self.channels * self.channel_mults[level]
@@ -77,7 +78,7 @@ class Decoder(nn.Module):
             if level > 0:
                 h = Upsample(width, self.dtype, name=f"up{level}_resample")(h)
         h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+        h = part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
 
 
@@ -94,8 +95,8 @@ class LatentPrior(nn.Module):
         size = 1
         for d in self.latent_shape:
             size *= d
-        h = nn.silu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(text))
-        out = nn.Dense(2 * size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out")(
+        h = nn.silu(part.Dense(self.hidden, dtype=self.dtype, name="hidden")(text))
+        out = part.Dense(2 * size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out")(
             h
         ).astype(jnp.float32)
         mean, logvar = jnp.split(out, 2, axis=-1)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import TransformerBlock
 
 
@@ -53,13 +54,15 @@ class CodePrior(nn.Module):
     ) -> jax.Array:
         if positions is None:
             positions = jnp.arange(tokens.shape[1])
-        x = nn.Embed(self.num_codes + 1, self.width, name="token_embed")(tokens)
+        x = part.Embed(self.num_codes + 1, self.width, name="token_embed")(tokens)
         pos_table = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (self.seq_len, self.width)
+            "pos_embed",
+            part.annotated(nn.initializers.normal(0.02), (None, part.EMBED)),
+            (self.seq_len, self.width),
         )
         x = (x + pos_table[positions][None]).astype(self.dtype)
         context = nn.LayerNorm(dtype=self.dtype, name="context_norm")(text_seq)
-        context = nn.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
+        context = part.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
         for i in range(self.depth):
             x = TransformerBlock(
                 self.num_heads,
@@ -67,14 +70,11 @@ class CodePrior(nn.Module):
                 causal=True,
                 cross_attention=True,
                 cache_len=self.seq_len,
-                # This self-attention always took its softmax in `dtype`; kept so outputs
-                # stay bitwise the same.
-                self_attn_softmax_fp32=False,
                 dtype=self.dtype,
                 name=f"block{i}",
             )(x, context=context, context_mask=text_mask.astype(bool), decode=decode)
         x = nn.LayerNorm(dtype=self.dtype, name="norm_out")(x)
-        return nn.Dense(self.num_codes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
+        return part.Dense(self.num_codes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
 
 
 def init_cache(prior: CodePrior, batch: int, text_seq, text_mask) -> dict:

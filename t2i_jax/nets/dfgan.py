@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
 
@@ -43,8 +44,8 @@ class Affine(nn.Module):
         channels = x.shape[-1]
 
         def mlp(name: str, bias_init):
-            h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=f"{name}_hidden")(cond))
-            return nn.Dense(
+            h = nn.relu(part.Dense(self.hidden, dtype=self.dtype, name=f"{name}_hidden")(cond))
+            return part.Dense(
                 channels,
                 kernel_init=nn.initializers.zeros,
                 bias_init=bias_init,
@@ -78,11 +79,11 @@ class GBlock(nn.Module):
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = upsample_nearest(x)
-        conv = lambda n: nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name=n)
+        conv = lambda n: part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name=n)
         r = conv("conv0")(DFBlock(self.hidden, self.dtype, name="fuse0")(x, cond))
         r = conv("conv1")(DFBlock(self.hidden, self.dtype, name="fuse1")(r, cond))
         if c != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
+            x = part.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
         return x + r
 
 
@@ -103,11 +104,11 @@ class DFGenerator(nn.Module):
             raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
         widths = [self.channels * m for m in self.channel_mults]
         cond = jnp.concatenate([z, text], axis=-1).astype(self.dtype)
-        x = nn.Dense(4 * 4 * widths[0], dtype=self.dtype, name="fc")(z.astype(self.dtype))
+        x = part.Dense(4 * 4 * widths[0], dtype=self.dtype, name="fc")(z.astype(self.dtype))
         x = x.reshape(z.shape[0], 4, 4, widths[0])
         for i, width in enumerate(widths[1:]):
             x = GBlock(width, self.cond_hidden, self.dtype, name=f"block{i}")(x, cond)
-        x = nn.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(nn.leaky_relu(x, 0.2))
+        x = part.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(nn.leaky_relu(x, 0.2))
         # Linear output (StyleGAN2's choice, not DF-GAN's tanh): flat saturated colours ask
         # tanh for unbounded pre-activations, its gradient vanishes and G stops learning
         # within a few hundred steps. D keeps fakes in range; sampling clips to [-1, 1].
@@ -120,11 +121,13 @@ class DBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        r = nn.Conv(self.out_channels, (4, 4), strides=2, padding=1, dtype=self.dtype, name="down")
+        r = part.Conv(
+            self.out_channels, (4, 4), strides=2, padding=1, dtype=self.dtype, name="down"
+        )
         r = nn.leaky_relu(r(x), 0.2)
-        r = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv")(r)
+        r = part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv")(r)
         r = nn.leaky_relu(r, 0.2)
-        s = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
+        s = part.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="shortcut")(x)
         s = nn.avg_pool(s, (2, 2), (2, 2))
         gain = self.param("gain", nn.initializers.zeros, ())
         return s + gain * r
@@ -145,7 +148,7 @@ class DFDiscriminator(nn.Module):
         if len(self.channel_mults) != levels + 1:
             raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
         widths = [self.channels * m for m in self.channel_mults]
-        h = nn.Conv(widths[0], (3, 3), dtype=self.dtype, name="from_rgb")(x.astype(self.dtype))
+        h = part.Conv(widths[0], (3, 3), dtype=self.dtype, name="from_rgb")(x.astype(self.dtype))
         for i, width in enumerate(widths[1:]):
             h = DBlock(width, self.dtype, name=f"block{i}")(h)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)

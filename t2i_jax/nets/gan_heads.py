@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning as part
+
 CONDITIONINGS = ("concat", "projection")
 
 
@@ -27,19 +29,19 @@ class ConditionalHead(nn.Module):
     def __call__(self, features: jax.Array, text: jax.Array) -> jax.Array:
         channels = features.shape[-1]
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)
-        t = nn.Dense(self.text_width, dtype=self.dtype, name="text_proj")(text)
+        t = part.Dense(self.text_width, dtype=self.dtype, name="text_proj")(text)
         if self.conditioning == "concat":
             tiled = jnp.broadcast_to(
                 t[:, None, None, :], features.shape[:3] + (self.text_width,)
             ).astype(features.dtype)
             h = jnp.concatenate([features, tiled], axis=-1)
-            h = nn.Conv(channels, (3, 3), dtype=self.dtype, name="joint_conv")(h)
+            h = part.Conv(channels, (3, 3), dtype=self.dtype, name="joint_conv")(h)
             h = nn.leaky_relu(h, 0.2)
-            h = nn.Conv(1, h.shape[1:3], padding="VALID", dtype=self.dtype, name="logit")(h)
+            h = part.Conv(1, h.shape[1:3], padding="VALID", dtype=self.dtype, name="logit")(h)
             return h.reshape(h.shape[0]).astype(out_dtype)
         if self.conditioning == "projection":
             h = jnp.sum(nn.leaky_relu(features, 0.2), axis=(1, 2))
-            unconditional = nn.Dense(1, dtype=self.dtype, name="psi")(h)[:, 0]
-            embed = nn.Dense(channels, dtype=self.dtype, name="embed")(nn.leaky_relu(t, 0.2))
+            unconditional = part.Dense(1, dtype=self.dtype, name="psi")(h)[:, 0]
+            embed = part.Dense(channels, dtype=self.dtype, name="embed")(nn.leaky_relu(t, 0.2))
             return (unconditional + jnp.sum(embed * h, axis=-1)).astype(out_dtype)
         raise ValueError(f"unknown conditioning '{self.conditioning}'; choose {CONDITIONINGS}")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
 
@@ -66,11 +67,11 @@ class ModulatedConv(nn.Module):
         fan_in = cin * self.kernel_size**2
         kernel = self.param(
             "kernel",
-            nn.initializers.normal(1.0 / math.sqrt(fan_in)),
+            part.annotated(nn.initializers.normal(1.0 / math.sqrt(fan_in)), part.CONV_AXES),
             (self.kernel_size, self.kernel_size, cin, self.features),
         )
         # Styles are an affine map of w with bias 1, so they start near 1.
-        styles = nn.Dense(cin, bias_init=nn.initializers.ones, name="style")(w)
+        styles = part.Dense(cin, bias_init=nn.initializers.ones, name="style")(w)
         y = modulated_conv(x, kernel, styles, demodulate=self.demodulate)
         return y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
 
@@ -113,9 +114,13 @@ class StyleGenerator(nn.Module):
         if len(self.channel_mults) != levels + 1:
             raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
         self.widths = [self.channels * m for m in self.channel_mults]
-        self.text_proj = nn.Dense(self.text_dim, name="text_proj")
-        self.mlp = [nn.Dense(self.w_dim, name=f"map{i}") for i in range(self.mapping_layers)]
-        self.const = self.param("const", nn.initializers.normal(1.0), (4, 4, self.widths[0]))
+        self.text_proj = part.Dense(self.text_dim, name="text_proj")
+        self.mlp = [part.Dense(self.w_dim, name=f"map{i}") for i in range(self.mapping_layers)]
+        self.const = self.param(
+            "const",
+            part.annotated(nn.initializers.normal(1.0), (None, None, part.EMBED)),
+            (4, 4, self.widths[0]),
+        )
         self.layers = [
             [
                 StyleLayer(width, self.dtype, name=f"res{i}_conv{j}")
@@ -180,17 +185,17 @@ class StyleDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
         widths = [self.channels * m for m in self.channel_mults]
-        h = nn.leaky_relu(nn.Conv(widths[0], (1, 1), name="from_rgb")(x.astype(self.dtype)), 0.2)
+        h = nn.leaky_relu(part.Conv(widths[0], (1, 1), name="from_rgb")(x.astype(self.dtype)), 0.2)
         for i, width in enumerate(widths[1:]):
-            r = nn.leaky_relu(nn.Conv(h.shape[-1], (3, 3), name=f"block{i}_conv0")(h), 0.2)
-            r = nn.avg_pool(nn.Conv(width, (3, 3), name=f"block{i}_conv1")(r), (2, 2), (2, 2))
+            r = nn.leaky_relu(part.Conv(h.shape[-1], (3, 3), name=f"block{i}_conv0")(h), 0.2)
+            r = nn.avg_pool(part.Conv(width, (3, 3), name=f"block{i}_conv1")(r), (2, 2), (2, 2))
             r = nn.leaky_relu(r, 0.2)
             s = nn.avg_pool(
-                nn.Conv(width, (1, 1), use_bias=False, name=f"block{i}_skip")(h), (2, 2), (2, 2)
+                part.Conv(width, (1, 1), use_bias=False, name=f"block{i}_skip")(h), (2, 2), (2, 2)
             )
             h = (s + r) / math.sqrt(2.0)
         h = minibatch_stddev(h)
-        h = nn.leaky_relu(nn.Conv(widths[-1], (3, 3), name="final_conv")(h), 0.2)
+        h = nn.leaky_relu(part.Conv(widths[-1], (3, 3), name="final_conv")(h), 0.2)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
 
 

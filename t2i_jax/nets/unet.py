@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import (
     CrossAttention2D,
     Downsample,
@@ -91,12 +92,12 @@ class UNet(nn.Module):
             raise ValueError(f"H, W of {x.shape} must be divisible by 2**{levels - 1}")
         emb_dim = 4 * self.base_channels
         emb = timestep_embedding(t, self.base_channels)
-        emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_in")(emb)
-        emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_out")(nn.silu(emb))
-        emb = emb + nn.Dense(emb_dim, dtype=self.dtype, name="pooled_proj")(text_pooled)
+        emb = part.Dense(emb_dim, dtype=self.dtype, name="time_in")(emb)
+        emb = part.Dense(emb_dim, dtype=self.dtype, name="time_out")(nn.silu(emb))
+        emb = emb + part.Dense(emb_dim, dtype=self.dtype, name="pooled_proj")(text_pooled)
         res_block = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype)
 
-        h = nn.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="conv_in")(
+        h = part.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="conv_in")(
             x.astype(self.dtype)
         )
         skips = [h]
@@ -126,7 +127,7 @@ class UNet(nn.Module):
                 h = Upsample(ch, dtype=self.dtype, name=f"up{level}_upsample")(h)
 
         h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
-        h = nn.Conv(
+        h = part.Conv(
             self.out_channels, (3, 3), kernel_init=zeros_init, dtype=self.dtype, name="conv_out"
         )(h)
         return h.astype(jnp.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,10 +33,13 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
 
 
 def abstract_state(method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen):
-    """The state's shapes with the mesh's shardings, from eval_shape: nothing is
-    allocated (restore targets and jit out_shardings)."""
-    shapes = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
-    return sharding.abstract_with_sharding(shapes, sharding.replicated(mesh))
+    """The state's shapes with its shardings on `mesh` (parameters and optimizer state by
+    their logical axes, see `sharding`), from eval_shape: nothing is allocated (restore
+    targets and jit out_shardings)."""
+    boxed = jax.eval_shape(method.init, jax.random.key(0), batch_spec(config), frozen)
+    min_size = sharding.mesh_config(config).min_shard_size
+    shardings = sharding.state_shardings(boxed, mesh, min_size)
+    return sharding.abstract_with_sharding(nn.unbox(boxed), shardings)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -68,8 +72,8 @@ class Run:
 
 
 def load_run(workdir: str) -> Run:
-    """The run's latest checkpoint, with its method and frozen weights (on this process's
-    devices, replicated)."""
+    """The run's latest checkpoint, with its method and frozen weights, on the run's mesh
+    (`mesh` config) over this machine's devices, whatever the mesh it was saved from."""
     config = read_config(workdir)
     text = build_text(config, TextContext(workdir, builder=None, seed=config.seed))
     method = registry.build_method(config, text)
@@ -77,7 +81,7 @@ def load_run(workdir: str) -> Run:
     step = checkpointer.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config=config)
     frozen = frozen_store.load_or_create(workdir, method, write=False)
     frozen = jax.device_put(frozen, sharding.replicated(mesh))
     state = checkpointer.restore(step, abstract_state(method, config, mesh, frozen))

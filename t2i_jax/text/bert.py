@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax import partitioning as part
 from t2i_jax.errors import CheckpointError
 from t2i_jax.text.features import TextFeatures
 
@@ -91,7 +92,7 @@ class _BertLayer(nn.Module):
         heads = cfg.num_attention_heads
         head_dim = width // heads
         det = not (train and self.dropout)
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+        dense = lambda n, name: part.Dense(n, dtype=self.dtype, name=name)
         norm = lambda name: nn.LayerNorm(
             epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
         )
@@ -147,7 +148,7 @@ class BertEncoder(nn.Module):
                 f"{cfg.max_position_embeddings}"
             )
         mask = mask.astype(bool)
-        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name)
+        embed = lambda n, name: part.Embed(n, cfg.hidden_size, name=name)
         x = embed(cfg.vocab_size, "word_embeddings")(tokens)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(length))
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros((1, 1), jnp.int32))

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +82,7 @@ def convert_state_dict(
         )
     prefix = prefixes[0]
     tokens = jnp.zeros((1, 2), jnp.int32)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), tokens, tokens > 0)["params"]
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), tokens, tokens > 0)["params"])
     flat = {}
     for path, spec in traverse_util.flatten_dict(shapes).items():
         names = [prefix + n for n in _hf_names(path)]

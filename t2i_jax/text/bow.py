@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
+from t2i_jax import partitioning as part
 from t2i_jax.errors import DataError
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextContext, TextSetup
@@ -223,7 +224,7 @@ class BagOfWords(nn.Module):
             if len(self.idf) != self.vocab_size:
                 raise ValueError(f"idf has {len(self.idf)} entries, vocab_size={self.vocab_size}")
             x = tfidf_vectors(counts, jnp.asarray(self.idf, jnp.float32), self.sublinear_tf)
-        h = nn.Dense(self.width, dtype=self.dtype, name="proj")(x.astype(self.dtype))
+        h = part.Dense(self.width, dtype=self.dtype, name="proj")(x.astype(self.dtype))
         if self.layer_norm:
             h = nn.LayerNorm(dtype=self.dtype, name="norm")(h)
         return TextFeatures(seq=None, pooled=h.astype(jnp.float32), mask=mask)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from t2i_jax import partitioning as part
 from t2i_jax import rng
 from t2i_jax.errors import DataError
 from t2i_jax.text.features import TextFeatures
@@ -74,9 +75,9 @@ class WordEmbedding(nn.Module):
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> TextFeatures:
         """tokens int32 [B, L], mask bool [B, L] -> TextFeatures(seq [B, L, D], pooled [B, D])."""
         mask = jnp.asarray(mask).astype(bool)
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=self.embedding_init, name="embed")(
-            tokens
-        )
+        x = part.Embed(
+            self.vocab_size, self.width, embedding_init=self.embedding_init, name="embed"
+        )(tokens)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         valid = mask[..., None]
         seq = jnp.where(valid, x, 0.0).astype(jnp.float32)

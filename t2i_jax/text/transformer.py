@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import TransformerBlock
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextContext, TextSetup
@@ -48,14 +49,17 @@ class TransformerTextEncoder(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         mask = mask.astype(bool)
-        x = nn.Embed(
+        x = part.Embed(
             self.vocab_size,
             self.width,
             embedding_init=nn.initializers.normal(0.02),
             name="token_embed",
         )(tokens)
         pos = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (self.max_len, self.width), jnp.float32
+            "pos_embed",
+            part.annotated(nn.initializers.normal(0.02), (None, part.EMBED)),
+            (self.max_len, self.width),
+            jnp.float32,
         )
         x = (x + pos[None, :length]).astype(self.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -10,9 +10,13 @@ from tensorboardX import SummaryWriter
 
 from t2i_jax.errors import UserError
 
+PERF = "perf"  # the row key of a log row's timings (train/throughput.py)
+
 
 class MetricWriter:
-    """Writes scalars for process 0; metrics.jsonl holds deterministic values only."""
+    """Writes scalars for process 0. A row's deterministic values are top-level keys; its
+    timings (images/s, TFLOP/s, MFU), which differ between two runs of the same config,
+    sit under "perf", which `read_metrics` leaves out unless asked."""
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
@@ -30,15 +34,18 @@ class MetricWriter:
             f.writelines(kept)
         os.replace(tmp, self.path)
 
-    def write(self, step: int, scalars: dict[str, float], *, tb_only: dict | None = None) -> None:
+    def write(self, step: int, scalars: dict[str, float], *, perf: dict | None = None) -> None:
         for name, value in scalars.items():
             if not math.isfinite(value):
                 raise UserError(f"{name} is {value} at step {step}: training diverged")
         if not self.enabled:
             return
+        perf = {k: v for k, v in (perf or {}).items() if math.isfinite(v)}  # NaN: unknown peak
+        row = {"step": step, **scalars, **({PERF: perf} if perf else {})}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-        for name, value in {**scalars, **(tb_only or {})}.items():
+            f.write(json.dumps(row) + "\n")
+        tb = {**scalars, **{f"{PERF}/{k}": v for k, v in perf.items()}}
+        for name, value in tb.items():
             self._tb.add_scalar(name, value, step)
         self._tb.flush()
 
@@ -47,9 +54,14 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str, *, perf: bool = False) -> list[dict]:
+    """The log's rows; with `perf`, their timings too."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not perf:
+        for row in rows:
+            row.pop(PERF, None)
+    return rows

@@ -13,9 +13,9 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,7 +36,7 @@ from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext, TextSetup, params_digest
-from t2i_jax.train import input_pipeline, report
+from t2i_jax.train import input_pipeline, multihost, report, throughput
 from t2i_jax.train.logging import MetricWriter
 from t2i_jax.train.validation import make_validator
 
@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 
 class _StopOnSignal:
-    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked between steps."""
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked between steps.
+
+    `agreed()` is the flag as every process sees it: a signal that reached one host stops
+    all of them after the same step, so they save one consistent checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -60,6 +63,11 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        if multihost.any_process(self.requested is not None):
+            return self.requested or "a signal to another process"
+        return None
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
@@ -149,7 +157,7 @@ def compile_functions(
 
     def init(key, frozen):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
-        return method.init(key, zeros, frozen)
+        return nn.unbox(method.init(key, zeros, frozen))  # logical axes read by abstract_state
 
     init_fn = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=state_sharding)
     step_fn = jax.jit(
@@ -165,6 +173,17 @@ def compile_functions(
         batch_sharding=batch_sharding,
         frozen=frozen,
     )
+
+
+def _throughput_meter(fns: TrainFunctions, config, mesh) -> throughput.Throughput:
+    """FLOPs of one step (XLA's cost analysis of the lowered step: tracing is shared with
+    the first call, nothing extra is compiled) and the device's peak."""
+    batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
+    key = jax.random.key(0)
+    flops = throughput.step_flops(fns.step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
+    peak, source = throughput.device_peak(mesh.devices.flat[0])
+    log.info("train step: %.4g FLOPs; device peak %.4g FLOP/s (%s)", flops, peak, source)
+    return throughput.Throughput(config.train.batch_size, flops, mesh.size, peak)
 
 
 def train_and_evaluate(
@@ -185,10 +204,12 @@ def train_and_evaluate(
     if primary:
         _write_config(config, workdir)
     tokenizer = text.tokenizer
-    mesh = sharding.make_mesh(devices)
-    if config.train.batch_size % mesh.size:
+    mesh = sharding.make_mesh(devices, config)
+    shards = sharding.batch_shards(mesh)
+    if config.train.batch_size % shards:
         raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by {mesh.size} devices"
+            f"train.batch_size={config.train.batch_size} is not divisible by the mesh's "
+            f"{shards} batch shards (mesh.data x mesh.fsdp)"
         )
 
     loader = input_pipeline.make_loader(
@@ -205,100 +226,103 @@ def train_and_evaluate(
 
     fns = compile_functions(method, config, mesh, frozen)
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.train.keep_checkpoints,
+        async_save=config.train.get("async_checkpoints", False),
     )
     writer = MetricWriter(workdir, enabled=primary)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state = checkpointer.restore(latest, fns.abstract_state, data_iter)
-        writer.truncate_after(latest)
-        log.info("resumed from step %d", latest)
-    else:
-        state = fns.init(rng.stream_key(config.seed, "params"))
-    noise_stream = rng.stream_key(config.seed, "noise")
-    prompts = list(config.sample.prompts)
-    step = int(sharding.to_host(state.step))
-    total = config.train.steps
+    try:
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            state = checkpointer.restore(latest, fns.abstract_state, data_iter)
+            writer.truncate_after(latest)
+            log.info("resumed from step %d", latest)
+        else:
+            state = fns.init(rng.stream_key(config.seed, "params"))
+        noise_stream = rng.stream_key(config.seed, "noise")
+        prompts = list(config.sample.prompts)
+        step = int(sharding.to_host(state.step))
+        total = config.train.steps
 
-    validate = make_validator(
-        method,
-        config,
-        builder,
-        tokenizer,
-        batch_sharding=fns.batch_sharding,
-        features=lambda: _text_feature_cache(config, builder, text, "validation"),
-        frozen=fns.frozen,
-    )
-    eval_every = config.train.get("eval_every", 0)
-    sampler = make_sampler(method)  # Compiled once, reused for every grid.
-    curves = method.curves  # The metrics a method plots and shows.
-
-    def sample_grid(at_step: int) -> str:
-        images = sample_images(
-            sampler,
-            state.ema_params,
-            fns.frozen,
+        validate = make_validator(
+            method,
+            config,
+            builder,
             tokenizer,
-            prompts,
-            per_prompt=config.sample.per_prompt,
-            rng=rng.stream_key(config.seed, "sample"),
-            max_len=config.text.max_len,
+            batch_sharding=fns.batch_sharding,
+            features=lambda: _text_feature_cache(config, builder, text, "validation"),
+            frozen=fns.frozen,
         )
-        path = os.path.join(workdir, "samples", f"step_{at_step}.png")
+        eval_every = config.train.get("eval_every", 0)
+        sampler = make_sampler(method)  # Compiled once, reused for every grid.
+        curves = method.curves  # The metrics a method plots and shows.
+
+        def sample_grid(at_step: int) -> str:
+            images = sample_images(
+                sampler,
+                state.ema_params,
+                fns.frozen,
+                tokenizer,
+                prompts,
+                per_prompt=config.sample.per_prompt,
+                rng=rng.stream_key(config.seed, "sample"),
+                max_len=config.text.max_len,
+            )
+            path = os.path.join(workdir, "samples", f"step_{at_step}.png")
+            if primary:
+                save_grid(path, images, prompts)
+            return path
+
+        last_metrics: dict = {}
+        progress = tqdm(
+            total=total,
+            initial=step,
+            disable=not (primary and show_progress),
+            dynamic_ncols=True,
+            desc="train",
+        )
+        meter = _throughput_meter(fns, config, mesh)
+        with _StopOnSignal() as stop:
+            while step < total:
+                batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
+                state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
+                step += 1
+                meter.step()
+                progress.update(1)
+                row, perf = {}, None
+                if step % config.train.log_every == 0 or step == total:
+                    row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+                    perf = meter.measure()  # the host waited for the step just above
+                if validate is not None and (step % eval_every == 0 or step == total):
+                    row.update(validate(state.ema_params))
+                if row:
+                    last_metrics = row
+                    writer.write(step, row, perf=perf)
+                    shown = {k: f"{row[k]:.4f}" for k in curves if k in row}
+                    if perf:
+                        shown["img/s"] = f"{perf['images_per_sec']:.1f}"
+                        shown["mfu"] = f"{perf['mfu']:.1%}"
+                    progress.set_postfix(**shown)
+                stopped = stop.agreed()
+                if step % config.train.checkpoint_every == 0 or step == total or stopped:
+                    checkpointer.save(step, state, data_iter)
+                if step % config.train.sample_every == 0 and step != total:
+                    sample_grid(step)
+                if stopped and step < total:
+                    progress.close()
+                    raise Preempted(
+                        f"stopped by {stopped} at step {step}; checkpoint "
+                        "saved, run the same command to resume"
+                    )
+        progress.close()
+
+        grid = sample_grid(step)
         if primary:
-            save_grid(path, images, prompts)
-        return path
-
-    last_metrics: dict = {}
-    progress = tqdm(
-        total=total,
-        initial=step,
-        disable=not (primary and show_progress),
-        dynamic_ncols=True,
-        desc="train",
-    )
-    tick, tick_step = time.perf_counter(), step
-    with _StopOnSignal() as stop:
-        while step < total:
-            batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
-            state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
-            step += 1
-            progress.update(1)
-            row, tb_only = {}, {}
-            if step % config.train.log_every == 0 or step == total:
-                row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-                now = time.perf_counter()
-                tb_only["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
-            if validate is not None and (step % eval_every == 0 or step == total):
-                row.update(validate(state.ema_params))
-            if row:
-                last_metrics = row
-                writer.write(step, row, tb_only=tb_only)
-                shown = {k: f"{row[k]:.4f}" for k in curves if k in row}
-                if tb_only:
-                    shown["steps_per_s"] = f"{tb_only['steps_per_sec']:.2f}"
-                progress.set_postfix(**shown)
-            if step % config.train.checkpoint_every == 0 or step == total or stop.requested:
-                checkpointer.save(step, state, data_iter)
-            if step % config.train.sample_every == 0 and step != total:
-                sample_grid(step)
-            if stop.requested and step < total:
-                progress.close()
-                checkpointer.close()
-                writer.close()
-                raise Preempted(
-                    f"stopped by {stop.requested} at step {step}; checkpoint "
-                    "saved, run the same command to resume"
-                )
-    progress.close()
-
-    grid = sample_grid(step)
-    if primary:
-        path = report.write_report(
-            workdir, config, final_step=step, grid_path=grid, prompts=prompts, curves=curves
-        )
-        log.info("report: %s", path)
-    checkpointer.close()
-    writer.close()
-    return last_metrics
+            path = report.write_report(
+                workdir, config, final_step=step, grid_path=grid, prompts=prompts, curves=curves
+            )
+            log.info("report: %s", path)
+        return last_metrics
+    finally:  # also on errors: a save in flight completes
+        checkpointer.close()
+        writer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +75,7 @@ def _setup():
     """
     model = UNet(channel_mults=MULTS, **TINY)
     inputs = _variants()
-    init = lambda key: model.init(key, **inputs, train=False)["params"]
+    init = lambda key: nn.unbox(model.init(key, **inputs, train=False)["params"])
     params = _compile(init, KEY(0))(KEY(0))
     target = jnp.asarray(np.random.default_rng(5).normal(size=inputs["x"].shape), jnp.float32)
 

@@ -41,7 +41,7 @@ def test_global_batch_is_split_on_data(parts):
 
     mesh = sharding.make_mesh()
     batch = pipeline.to_global(next(iter(loader(parts))), sharding.batch_sharding(mesh))
-    assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert batch["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     assert len(batch["image"].addressable_shards) == len(jax.devices())
 
 

@@ -1,12 +1,17 @@
-"""Two JAX processes on one machine (gloo collectives) train one run together."""
+"""Two JAX processes of 4 devices each on one machine (gloo collectives on loopback)
+train one run together, as two hosts of a cluster would: the same numbers as one process
+of 8 devices, one stop for both on a signal to either, an error exit when a peer dies."""
 
 import json
 import os
+import re
+import signal
 import socket
+import time
 
 import jax
 import numpy as np
-from helpers import start_cli, train_args
+from helpers import TEST_XLA_FLAGS, run_cli, start_cli, train_args
 
 from t2i_jax import config as config_lib
 from t2i_jax import rng, sharding
@@ -15,7 +20,9 @@ from t2i_jax.methods import registry
 from t2i_jax.runs import frozen_store
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import input_pipeline, loop
+from t2i_jax.train import input_pipeline, loop, multihost
+
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 def free_port() -> int:
@@ -24,10 +31,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_pair(workdir, data_dir, *flags: str) -> list:
+    """Two `t2i train` processes of 4 CPU devices each, one run."""
+    port = free_port()
+    return [
+        start_cli(
+            *train_args(workdir, data_dir, *flags),
+            *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
+            *("--process-id", str(i)),
+            env_extra={"XLA_FLAGS": f"{TEST_XLA_FLAGS} {DEVICES_FLAG}=4"},
+        )
+        for i in range(2)
+    ]
+
+
+def wait_for_checkpoint(procs, workdir, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():
+        for p in procs:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
 def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     """What one process computes for the two-process run in `workdir`: its config, seed,
-    tokenizer and global batches, on a mesh of two devices (as the two processes' one
-    each), stepped as `train_and_evaluate` steps; the metrics of every logged step.
+    tokenizer and global batches, on a mesh of 8 devices (as the two processes' 4 each),
+    stepped as `train_and_evaluate` steps; the metrics of every logged step.
 
     Global batch = process 0's part then process 1's: each process reads its own shard of
     the records (`input_pipeline.make_loader`), so here two loaders read shards 0 and 1 of 2."""
@@ -36,7 +66,7 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     text = build_text(config, TextContext(str(workdir), None, config.seed))
     method = registry.build_method(config, text)
     frozen = frozen_store.load_or_create(str(workdir), method, write=False)
-    fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()[:2]), frozen)
+    fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()), frozen)
     shards = [
         iter(
             input_pipeline.make_loader(
@@ -65,21 +95,10 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
 
 
 def test_two_processes_share_a_run(tmp_path, data_dir):
+    assert len(jax.devices()) == 8
     workdir = tmp_path / "run"
-    port = free_port()
-    procs = [
-        start_cli(
-            *train_args(workdir, data_dir, "--config.train.steps=4"),
-            "--config.train.checkpoint_every=2",
-            "--coordinator",
-            f"127.0.0.1:{port}",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-        )
-        for i in range(2)
-    ]
+    procs = start_pair(workdir, data_dir, "--config.train.steps=4",
+                       "--config.train.checkpoint_every=2")  # fmt: skip
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -97,8 +116,8 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
     assert (workdir / "report.md").is_file() and (workdir / "samples" / "step_4.png").is_file()
 
     # The numbers are those of one process with the same global batches. The losses bit
-    # for bit: the same program on a two-device mesh, where a mean over the batch adds the
-    # two devices' partial sums, the same float in either order. The other metrics (the
+    # for bit: the same program on an 8-device mesh, the batch mean summed over the same 8
+    # shards in the same order. The other metrics (the
     # gradient norm) within float32 round-off: their sum over the parameters is compiled
     # separately for one process and for two, and XLA may order it differently (seen: 1
     # ulp of the step-2 grad_norm, with the same loss and step-4 numbers).
@@ -106,7 +125,70 @@ def test_two_processes_share_a_run(tmp_path, data_dir):
     assert [row["step"] for row in rows] == sorted(expected)
     for row in rows:
         want = expected[row["step"]]
-        assert set(row) - {"step"} == set(want)
+        assert set(row) - {"step", "perf"} == set(want)
         assert row["loss"] == want["loss"], row["step"]
         for name, value in want.items():
             np.testing.assert_allclose(row[name], value, rtol=1e-6, err_msg=name)
+
+
+def test_process_flags_need_a_coordinator(tmp_path, data_dir):
+    """--num-processes / --process-id alone would start a process that waits for peers it
+    cannot find: refused before anything starts."""
+    for flags in (["--num-processes", "2"], ["--process-id", "1"]):
+        result = run_cli(*train_args(tmp_path / "run", data_dir), *flags)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "t2i: error: --num-processes and --process-id need --coordinator HOST:PORT"
+        ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cluster_launch_is_detected(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    assert multihost.detected_cluster() is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0"}
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join
+    assert multihost.detected_cluster() is None
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert multihost.detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
+    assert multihost.detected_cluster() == "tpu"
+
+
+def test_a_signal_to_one_process_stops_both_and_a_dead_peer_ends_the_other(tmp_path, data_dir):
+    """SIGTERM to process 1 only: both stop after the same step, with one checkpoint (both
+    processes' iterator positions) that both resume from. Then SIGKILL to process 1:
+    process 0 exits with an error within the heartbeat timeout, instead of waiting in a
+    collective for ever."""
+    workdir = tmp_path / "run"
+    long = ("--config.train.steps=1000", "--config.train.checkpoint_every=5")
+    procs = start_pair(workdir, data_dir, *long)
+    wait_for_checkpoint(procs, workdir, 5)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+    stops = [re.search(r"stopped by (.+) at step (\d+); checkpoint saved", e) for e in errs]
+    assert stops[0] and stops[1], errs
+    assert stops[0][1] == "a signal to another process" and stops[1][1] == "SIGTERM"
+    step = int(stops[1][2])
+    assert int(stops[0][2]) == step and 5 <= step < 1000
+    data = workdir / "checkpoints" / str(step) / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
+
+    procs = start_pair(workdir, data_dir, *long, "--heartbeat-timeout", "10")
+    wait_for_checkpoint(procs, workdir, (step // 5 + 1) * 5)  # resumed from `step`
+    procs[1].kill()
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=180)
+    waited = time.time() - killed
+    assert procs[0].returncode != 0, err[-3000:]
+    assert waited < 60, waited  # 10 s without heartbeats, then shutdown
+    assert "stopped sending heartbeats" in err, err[-3000:]
+    procs[1].communicate()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert max(row["step"] for row in rows) > step
