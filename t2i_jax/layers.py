@@ -143,16 +143,19 @@ class MultiHeadAttention(nn.Module):
             mask = allowed if mask is None else mask & allowed
         if mask is not None:
             mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
-        # XLA's attention on CPU and TPU; cuDNN's fused (flash) kernel on GPUs where it
-        # applies. Logits and softmax in float32 whatever the compute dtype.
+        q = q / jnp.sqrt(head_dim).astype(q.dtype)  # scaled first, as Flax's attention
         if q.dtype == jnp.float64:  # exactness checks: jax.nn's softmax is float32 always
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
             if mask is not None:
                 logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
         else:
+            # XLA's attention on CPU and TPU; cuDNN's fused (flash) kernel on GPUs where
+            # it applies. Logits and softmax in float32 whatever the compute dtype.
             implementation = self.implementation or attention_implementation(q.dtype, head_dim)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=1.0, implementation=implementation
+            )
         return part.DenseGeneral(
             self.out_features,
             axes=(part.HEADS, part.HEAD_DIM, part.EMBED),
