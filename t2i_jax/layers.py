@@ -59,11 +59,46 @@ def causal_mask(num_queries: int, num_keys: int, offset: int | jax.Array = 0) ->
     return jnp.arange(num_keys)[None, :] <= (offset + jnp.arange(num_queries))[:, None]
 
 
+ATTENTION = ("auto", "explicit", "xla", "cudnn")
+
+
 def attention_implementation(dtype: jnp.dtype, head_dim: int) -> str:
-    """cuDNN's fused attention on a GPU for the 16-bit dtypes and head sizes it takes,
-    else XLA's (every backend, every dtype; what CPU tests compare against)."""
+    """What `attention="auto"` runs: on a GPU, cuDNN's fused (flash) kernel for the 16-bit
+    dtypes and head sizes it takes, else jax.nn's XLA attention; on other accelerators
+    jax.nn's XLA attention; on CPU (and in float64) the explicit softmax(q k^T) v, Flax's
+    attention bit for bit, so CPU runs and their published figures reproduce. jax.nn's
+    XLA attention sums in another order: equal to it within float32 round-off (tests)."""
+    backend = jax.default_backend()
+    if backend == "cpu" or jnp.dtype(dtype) == jnp.float64:
+        return "explicit"
     fused = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-    return "cudnn" if jax.default_backend() == "gpu" and fused and head_dim <= 128 else "xla"
+    return "cudnn" if backend == "gpu" and fused and head_dim <= 128 else "xla"
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Attention of q [B, Q, N, H] over k, v [B, K, N, H]; `mask` bool [B, N, Q, K] (True:
+    attend). Logits and softmax in float32 (float64 for float64 inputs)."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"unknown attention '{implementation}'; choose {ATTENTION}")
+    if implementation == "auto":
+        implementation = attention_implementation(q.dtype, q.shape[-1])
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)  # scaled first, as Flax's attention
+    if implementation != "explicit":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=1.0, implementation=implementation
+        )
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -85,7 +120,7 @@ class MultiHeadAttention(nn.Module):
       zero_init_out: start the output projection at zero.
       causal: mask keys after each query.
       cache_len: positions in the decoding cache.
-      implementation: jax.nn.dot_product_attention's; None: attention_implementation's.
+      attention: one of ATTENTION (see attention_implementation for "auto").
       dtype: compute dtype.
     """
 
@@ -94,7 +129,7 @@ class MultiHeadAttention(nn.Module):
     zero_init_out: bool = False
     causal: bool = False
     cache_len: int | None = None
-    implementation: str | None = None
+    attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -143,19 +178,7 @@ class MultiHeadAttention(nn.Module):
             mask = allowed if mask is None else mask & allowed
         if mask is not None:
             mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
-        q = q / jnp.sqrt(head_dim).astype(q.dtype)  # scaled first, as Flax's attention
-        if q.dtype == jnp.float64:  # exactness checks: jax.nn's softmax is float32 always
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        else:
-            # XLA's attention on CPU and TPU; cuDNN's fused (flash) kernel on GPUs where
-            # it applies. Logits and softmax in float32 whatever the compute dtype.
-            implementation = self.implementation or attention_implementation(q.dtype, head_dim)
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=1.0, implementation=implementation
-            )
+        out = dot_product_attention(q, k, v, mask, self.attention)
         return part.DenseGeneral(
             self.out_features,
             axes=(part.HEADS, part.HEAD_DIM, part.EMBED),

@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2i_jax.layers import CrossAttention2D, ResBlock, num_groups, timestep_embedding
+from t2i_jax.layers import (
+    CrossAttention2D,
+    ResBlock,
+    attention_implementation,
+    dot_product_attention,
+    num_groups,
+    timestep_embedding,
+)
 from t2i_jax.nets.unet import UNet
 
 B, L, D = 2, 6, 8
@@ -201,18 +208,20 @@ def test_cross_attention_all_masked_row_adds_nothing() -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_equals_flax_attention(causal) -> None:
-    """jax.nn.dot_product_attention (XLA's, on CPU) in place of Flax's: the same values,
-    padded keys and causal masks included, up to float32 round-off (jax.nn contracts
-    grouped heads, [B, T, K, G, H], so XLA sums in another order: measured 2.4e-7 at
-    most here, on values of order 1)."""
+    """The explicit attention (CPU, float64) is Flax's bit for bit; jax.nn's XLA attention
+    (accelerators) equals it up to float32 round-off: jax.nn contracts grouped heads,
+    [B, T, K, G, H], so XLA sums in another order (measured 2.4e-7 at most here, on
+    values of order 1). Padded keys and causal masks included."""
     rng = np.random.default_rng(0)
     b, t, heads, dim = 2, 5, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, dim)), jnp.float32) for _ in "qkv")
     mask = jnp.asarray(rng.random((b, 1, 1, t)) < 0.7).at[..., 0].set(True)
     if causal:
         mask = mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
-    scaled = q / jnp.sqrt(dim).astype(jnp.float32)
     mask = jnp.broadcast_to(mask, (b, heads, t, t))
-    ours = jax.jit(lambda *a: jax.nn.dot_product_attention(*a, mask=mask, scale=1.0))(scaled, k, v)
     flax_ = jax.jit(lambda *a: nn.dot_product_attention(*a, mask=mask))(q, k, v)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(flax_), rtol=1e-5, atol=1e-6)
+    explicit = jax.jit(lambda *a: dot_product_attention(*a, mask, "explicit"))(q, k, v)
+    xla = jax.jit(lambda *a: dot_product_attention(*a, mask, "xla"))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(explicit), np.asarray(flax_))
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(flax_), rtol=1e-5, atol=1e-6)
+    assert attention_implementation(jnp.float32, dim) == "explicit"  # on this CPU
