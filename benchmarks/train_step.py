@@ -2,12 +2,15 @@
 to a float32 matmul peak measured in the same run on the same devices.
 
   python benchmarks/train_step.py [--config experiments/diffusion_shapes.py:demo]
-      [--steps 20] [--mesh data=1,fsdp=8] [--config.KEY=VALUE ...]
+      [--steps 20] [--mesh data=1,fsdp=8] [--compute-dtype bfloat16] [--grad-accum 4]
+      [--remat none|blocks|full] [--config.KEY=VALUE ...]
 
 Random batches of the config's shapes; the whole mesh of local devices, as in training
 (`--mesh` sets the config's mesh sizes; simulate 8 CPU devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=8). Also prints the compiled step's
-memory per device (XLA's memory analysis: arguments, outputs and temporaries).
+memory per device (XLA's memory analysis: arguments, outputs and temporaries) and its
+MFU: the step's FLOPs per second over the device's dense peak (train/throughput.py: a
+table for accelerators, the float32 matmul peak measured here for a CPU).
 The text side (tokenizer, fitted or pretrained encoder) is built as a run builds it, from
 the config's data set (prepared on first use) in a temporary workdir.
 """
@@ -50,9 +53,19 @@ def main() -> None:
     parser.add_argument("--config", default="experiments/diffusion_shapes.py:demo")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mesh", default="", help="mesh sizes, e.g. data=1,fsdp=8")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--grad-accum", type=int, help="train.grad_accum_steps")
+    parser.add_argument("--remat", choices=("none", "blocks", "full"))
     args = parser.parse_args(argv)
     config = config_lib.load_config(args.config)
     mesh_overrides = [f"mesh.{item}" for item in args.mesh.split(",") if item]
+    for key, value in (
+        ("compute_dtype", args.compute_dtype),
+        ("grad_accum_steps", args.grad_accum),
+        ("remat", args.remat),
+    ):
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
     config_lib.apply_overrides(config, overrides + mesh_overrides)
 
     builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
@@ -87,6 +100,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     step_time = float(np.median(times))
     peak = throughput.measured_matmul_peak(n=2048, repeats=10)
+    device_peak, peak_source = throughput.device_peak(mesh.devices.flat[0])
     achieved = flops / step_time
     params = sum(x.size for x in jax.tree.leaves(state.params))
     devices = jax.devices()
@@ -101,6 +115,10 @@ def main() -> None:
     print(f"achieved          {achieved / 1e9:.1f} GFLOP/s")
     print(f"f32 matmul peak   {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, same run)")
     print(f"ratio             {achieved / peak:.1%}")
+    print(f"TFLOP/s per device {achieved / mesh.size / 1e12:.4f}")
+    print(f"MFU               {achieved / mesh.size / device_peak:.1%} of {peak_source}")
+    print(f"compute dtype     {config.train.compute_dtype}; remat {config.train.remat}; "
+          f"grad_accum_steps {config.train.grad_accum_steps}")  # fmt: skip
     print(f"state per device  {state_bytes / 2**20:.1f} MiB (params, EMA, optimizer)")
     print(f"step memory       {per_device / 2**20:.1f} MiB per device (XLA memory analysis)")
 

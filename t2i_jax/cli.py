@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output PNG")
+    sample.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        help="the networks' compute dtype (default: the run's train.compute_dtype)",
+    )
     parser.sample_parser = sample
 
     evaluate = sub.add_parser(
@@ -243,7 +248,7 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
     from t2i_jax.grid import save_grid
     from t2i_jax.pipeline import Pipeline
 
-    pipe = Pipeline.from_workdir(args.workdir)
+    pipe = Pipeline.from_workdir(args.workdir, compute_dtype=args.compute_dtype)
     images = pipe(args.prompt, num=args.num, seed=args.seed, output="numpy", **vars(known))
     save_grid(args.out, images, args.prompt)
     print(f"wrote {args.out}")

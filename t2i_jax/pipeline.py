@@ -33,9 +33,10 @@ class Pipeline:
         self._samplers: dict[tuple, Sampler] = {}
 
     @classmethod
-    def from_workdir(cls, workdir: str) -> Pipeline:
-        """The run's latest checkpoint (a finished run, or one still training)."""
-        return cls(load_run(workdir))
+    def from_workdir(cls, workdir: str, compute_dtype: str | None = None) -> Pipeline:
+        """The run's latest checkpoint (a finished run, or one still training), computing
+        in `compute_dtype` ("float32" | "bfloat16"; None: as the run trained)."""
+        return cls(load_run(workdir, compute_dtype))
 
     @property
     def sample_options(self) -> tuple[SampleOption, ...]:

@@ -97,6 +97,12 @@ def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     # Checkpoints written in the background while training goes on (checkpoint.py).
     t.async_checkpoints = True
+    # Mixed precision (t2i_jax/precision.py): matmuls and convolutions in compute_dtype;
+    # norms, softmax, losses, the optimizer and the EMA in float32.
+    t.compute_dtype = "float32"  # float32 | bfloat16
+    t.param_dtype = "float32"  # float32 | bfloat16 (bfloat16 loses updates < 2^-8 of a weight)
+    t.remat = "none"  # none | blocks | full (t2i_jax/remat.py)
+    t.grad_accum_steps = 1  # microbatches per step, same result (methods/microbatches.py)
     t.eval_every = 0  # validation metrics every N steps, for methods with any (0: off)
     t.eval_batches = 8  # validation batches per evaluation (file order)
     t.update(overrides)  # The experiment's own defaults; `test` is the same for all.

@@ -136,6 +136,21 @@ def build_method(experiment: str, data_dir, workdir, **overrides):
     return config, builder, method, fns
 
 
+def train_steps(fns, batch, steps: int):
+    """(state, [metrics of each step as floats]) after `steps` steps of the compiled train
+    functions on one batch, from init with key 0 and step keys 100, 101, ..."""
+    import jax
+
+    state = fns.init(jax.random.key(0))
+    logs = []
+    for i in range(steps):
+        state, metrics = fns.train_step(
+            state, jax.device_put(batch, fns.batch_sharding), jax.random.key(100 + i)
+        )
+        logs.append({k: float(v) for k, v in metrics.items()})
+    return state, logs
+
+
 def untrained_vae_run(data_dir, workdir) -> str:
     """What latent diffusion reads of the VAE run `ldm.autoencoder` names: its config.json
     (the latent shape) and a checkpoint (the frozen weights). The `test` variant's text-free

@@ -27,7 +27,6 @@ from t2i_jax.methods.base import (
     SampleOption,
     TrainState,
     check_contract,
-    gradient_update,
     next_state,
 )
 from t2i_jax.optim import make_optimizer
@@ -90,14 +89,16 @@ class ColourField(Method):
         text_params = self.conditioner.params(model, frozen)
         pooled = self.conditioner.encode(text_params, batch["tokens"], batch["mask"]).pooled
         model["head"] = self.head.init(k_head, pooled)["params"]
-        return TrainState.create({"model": model}, {"model": self.optimizer})
+        return self.new_state({"model": model}, {"model": self.optimizer})
 
     def train_step(self, state, batch, rng, frozen=None):
-        def loss_fn(model):
-            return jnp.mean(jnp.square(self._image(model, frozen, batch) - batch["image"])), None
+        def loss_fn(model, examples, rows):
+            del rows  # no random draws
+            image = self._image(model, frozen, examples)
+            return jnp.mean(jnp.square(image - examples["image"])), None
 
-        update = gradient_update(
-            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        update = self.update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer, batch
         )
         new = next_state(state, {"model": update.params}, {"model": update.opt_state}, 0.9)
         return new, {"loss": update.loss, "grad_norm": update.grad_norm}

@@ -26,12 +26,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from t2i_jax import precision
+from t2i_jax import remat as rematerialise
 from t2i_jax.errors import ConfigError, UserError
+from t2i_jax.methods import microbatches as mb
 from t2i_jax.methods.text_conditioning import TextConditioner
 from t2i_jax.text.setup import TextSetup
 
@@ -60,14 +64,17 @@ class TrainState:
         params: dict[str, PyTree],
         optimizers: dict[str, optax.GradientTransformation],
         ema: Sequence[str] | None = None,
+        param_dtype: Any = jnp.float32,
     ) -> TrainState:
-        """Step 0: every player's optimizer state; EMA copies of `ema` (default: all)."""
+        """Step 0: params in `param_dtype`; every player's optimizer state and the EMA
+        copies of `ema` (default: all) in float32 (t2i_jax/precision.py)."""
         ema = list(params) if ema is None else ema
+        full = precision.cast(params, jnp.float32)
         return cls(
             step=jnp.zeros((), jnp.int32),
-            params=params,
-            ema_params={name: params[name] for name in ema},
-            opt_state={name: optimizers[name].init(params[name]) for name in params},
+            params=precision.cast(params, param_dtype),
+            ema_params={name: full[name] for name in ema},
+            opt_state={name: optimizers[name].init(full[name]) for name in params},
         )
 
 
@@ -93,15 +100,45 @@ def gradient_update(
     params: PyTree,
     opt_state: PyTree,
     optimizer: optax.GradientTransformation,
+    examples: PyTree,
     *args,
+    microbatches: int = 1,
 ) -> Update:
     """The train-step skeleton every player shares: the gradient of
-    `loss_fn(params, *args) -> (loss, aux)`, the optimizer's update (clipping, weight decay
-    and frozen-group masks are part of the optimizer), applied."""
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *args)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    `loss_fn(params, examples, rows, *args) -> (mean loss, aux)`, the optimizer's update
+    (clipping, weight decay and frozen-group masks are part of the optimizer), applied.
+
+    `examples` is the pytree of per-example arrays (leading axis: the batch) the loss reads;
+    with `microbatches` = K > 1 it is split into K microbatches whose gradients are averaged
+    in a `lax.scan` (methods/microbatches.py), `rows` telling the loss which rows it has.
+    The optimizer runs in float32 whatever the params' dtype (precision.py).
+    """
+    if microbatches == 1:
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, examples, mb.WHOLE, *args
+        )
+        grads = precision.cast(grads, jnp.float32)
+    else:
+
+        def accumulate(total, inputs):
+            index, microbatch = inputs
+            rows = mb.Rows(index, microbatches)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, microbatch, rows, *args
+            )
+            total = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads)
+            return total, (loss, aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        inputs = (jnp.arange(microbatches), mb.split(examples, microbatches))
+        total, (losses, auxes) = jax.lax.scan(accumulate, zeros, inputs)
+        grads = jax.tree.map(lambda t: t / microbatches, total)
+        loss, aux = jnp.mean(losses), mb.merge(auxes)
+    full = precision.cast(params, jnp.float32)
+    updates, opt_state = optimizer.update(grads, opt_state, full)
+    new_params = optax.apply_updates(full, updates)
     return Update(
-        params=optax.apply_updates(params, updates),
+        params=jax.tree.map(lambda new, old: new.astype(old.dtype), new_params, params),
         opt_state=opt_state,
         loss=loss,
         aux=aux,
@@ -114,7 +151,7 @@ def next_state(
 ) -> TrainState:
     """The state after one step: new params and optimizer states, the EMA of the players
     `state.ema_params` holds, the step counter advanced."""
-    players = {name: params[name] for name in state.ema_params}
+    players = precision.cast({name: params[name] for name in state.ema_params}, jnp.float32)
     return state.replace(
         step=state.step + 1,
         params=params,
@@ -174,9 +211,43 @@ class Method:
     sample_options: ClassVar[tuple[SampleOption, ...]] = ()
 
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
+        check_execution(config)
         self.config = config
+        self.compute_dtype = precision.compute_dtype(config)
+        self.param_dtype = precision.param_dtype(config)
+        self.remat = train_setting(config, "remat")
+        self.microbatches = train_setting(config, "grad_accum_steps")
+        text = dataclasses.replace(text, encoder=self.network(text.encoder))
         self.text_setup = text
         self.conditioner = TextConditioner(text)
+
+    def network(self, module: nn.Module) -> nn.Module:
+        """A trained network as the run computes it: in `train.compute_dtype`, under
+        `train.remat` (remat.configure). Every family builds its networks through this."""
+        return rematerialise.configure(module, dtype=self.compute_dtype, remat=self.remat)
+
+    def update(
+        self,
+        loss_fn: Callable[..., tuple[jax.Array, Any]],
+        params: PyTree,
+        opt_state: PyTree,
+        optimizer: optax.GradientTransformation,
+        examples: PyTree,
+        *args,
+    ) -> Update:
+        """`gradient_update` with the run's `train.grad_accum_steps` microbatches."""
+        return gradient_update(
+            loss_fn, params, opt_state, optimizer, examples, *args, microbatches=self.microbatches
+        )
+
+    def new_state(
+        self,
+        params: dict[str, PyTree],
+        optimizers: dict[str, optax.GradientTransformation],
+        ema: Sequence[str] | None = None,
+    ) -> TrainState:
+        """`TrainState.create` with the run's `train.param_dtype`."""
+        return TrainState.create(params, optimizers, ema, param_dtype=self.param_dtype)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -305,8 +376,38 @@ def check_contract(cls: type) -> None:
             )
 
 
+# The `train` keys every family reads here, and their values in runs made before them.
+EXECUTION_DEFAULTS = {
+    "compute_dtype": "float32",
+    "param_dtype": "float32",
+    "remat": "none",
+    "grad_accum_steps": 1,
+}
+
+
+def train_setting(config: ml_collections.ConfigDict, key: str) -> Any:
+    return config.train.get(key, EXECUTION_DEFAULTS[key])
+
+
+def check_execution(config: ml_collections.ConfigDict) -> None:
+    """One-line ConfigErrors for the dtypes, remat mode and microbatch count."""
+    precision.compute_dtype(config)
+    precision.param_dtype(config)
+    mode = train_setting(config, "remat")
+    if mode not in rematerialise.REMAT:
+        raise ConfigError(f"train.remat={mode!r}: choose {', '.join(rematerialise.REMAT)}")
+    k = train_setting(config, "grad_accum_steps")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"train.grad_accum_steps must be a positive int, got {k!r}")
+    batch = config.train.batch_size
+    if batch % k:
+        raise ConfigError(f"train.grad_accum_steps={k} does not divide train.batch_size={batch}")
+
+
 def check_method_config(method_cls: type[Method], config: ml_collections.ConfigDict) -> None:
-    """The family's config check, with any non-ConfigError turned into a ConfigError."""
+    """The run's execution settings and the family's config check, with any non-ConfigError
+    turned into a ConfigError."""
+    check_execution(config)
     try:
         method_cls.check_config(config)
     except (KeyError, AttributeError) as e:

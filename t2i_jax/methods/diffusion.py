@@ -15,14 +15,8 @@ import ml_collections
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import guidance as cfg
 from t2i_jax.methods import samplers, schedules
-from t2i_jax.methods.base import (
-    Frozen,
-    Method,
-    SampleOption,
-    TrainState,
-    gradient_update,
-    next_state,
-)
+from t2i_jax.methods.base import Frozen, Method, SampleOption, TrainState, next_state
+from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.nets.unet import UNet
 from t2i_jax.optim import make_optimizer
 from t2i_jax.text.features import TextFeatures
@@ -52,7 +46,7 @@ class Diffusion(Method):
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
         super().__init__(config, text)
         self.dc = config.diffusion
-        self.unet = UNet(**self.unet_fields())
+        self.unet = self.network(UNet(**self.unet_fields()))
         # Frozen networks are not params: the optimizer masks only `optim.freeze`.
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         size = config.data.image_size
@@ -94,7 +88,7 @@ class Diffusion(Method):
 
     def init(self, rng: jax.Array, batch: dict, frozen: Frozen | None = None) -> TrainState:
         params = {"model": self.init_model(rng, batch, frozen)}
-        return TrainState.create(params, {"model": self.optimizer})
+        return self.new_state(params, {"model": self.optimizer})
 
     def loss_terms(
         self,
@@ -104,14 +98,16 @@ class Diffusion(Method):
         frozen: Frozen | None = None,
         *,
         train: bool = True,
+        rows: Rows = WHOLE,
     ) -> jax.Array:
-        """Per-example denoising loss (mean over pixels), vdm style: the caller reduces."""
+        """Per-example denoising loss (mean over pixels), vdm style: the caller reduces.
+        `rows`: the microbatch `batch` is of the step's batch (draws are the batch's)."""
         k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
         x0 = batch["image"]
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.dc.timesteps)
-        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        drop = jax.random.bernoulli(k_drop, self.dc.p_uncond, (x0.shape[0],))
-        k_text, k_unet = jax.random.split(k_dropout)
+        t = rows.randint(k_t, (x0.shape[0],), 0, self.dc.timesteps)
+        noise = rows.normal(k_noise, x0.shape, x0.dtype)
+        drop = rows.bernoulli(k_drop, self.dc.p_uncond, (x0.shape[0],))
+        k_text, k_unet = jax.random.split(rows.key(k_dropout))
         text_params = self.conditioner.params(params, frozen)
         feats = self.conditioner.features(text_params, batch, drop, train=train, rng=k_text)
         x_t = schedules.q_sample(x0, t, noise, self.alpha_bar)
@@ -122,11 +118,12 @@ class Diffusion(Method):
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Frozen | None = None
     ):
-        def loss_fn(model):
-            return jnp.mean(self.loss_terms(model, batch, rng, frozen, train=True)), None
+        def loss_fn(model, examples, rows):
+            terms = self.loss_terms(model, examples, rng, frozen, train=True, rows=rows)
+            return jnp.mean(terms), None
 
-        update = gradient_update(
-            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        update = self.update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer, batch
         )
         new_state = next_state(
             state, {"model": update.params}, {"model": update.opt_state}, self.config.optim.ema

@@ -23,14 +23,8 @@ import ml_collections
 from t2i_jax.config import choose
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import gan_losses as losses
-from t2i_jax.methods.base import (
-    Frozen,
-    Method,
-    SampleOption,
-    TrainState,
-    gradient_update,
-    next_state,
-)
+from t2i_jax.methods.base import Frozen, Method, SampleOption, TrainState, next_state
+from t2i_jax.methods.microbatches import Rows
 from t2i_jax.nets.gan_heads import CONDITIONINGS
 from t2i_jax.nets.gan_networks import GAN_NETWORKS, build_gan_networks
 from t2i_jax.optim import make_optimizer
@@ -77,7 +71,8 @@ class GAN(Method):
         check_config(config)
         super().__init__(config, text)
         self.gc = gc = config.gan
-        self.generator, self.discriminator = build_gan_networks(gc, config.data.image_size)
+        generator, discriminator = build_gan_networks(gc, config.data.image_size)
+        self.generator, self.discriminator = self.network(generator), self.network(discriminator)
         self.g_optimizer = make_optimizer(config.optim, config.train.steps)
         # D takes n_critic updates per train step: its schedule spans all of them.
         self.d_optimizer = make_optimizer(config.optim_d, config.train.steps * gc.n_critic)
@@ -107,25 +102,28 @@ class GAN(Method):
         z = self._z(k_noise, image.shape[0])
         g["net"] = self.generator.init({"params": k_g, "noise": k_noise}, z, text_vec)["params"]
         d = {"net": self.discriminator.init(k_d, image, text_vec)["params"]}
-        return TrainState.create(
+        return self.new_state(
             {"generator": g, "discriminator": d},
             {"generator": self.g_optimizer, "discriminator": self.d_optimizer},
             ema=["generator"],
         )
 
-    def discriminator_loss(self, d_params, g_params, batch, text_vec, rng, step):
-        """(scalar loss, metrics) of one discriminator update; G is held fixed."""
+    def discriminator_loss(self, d_params, examples, rows: Rows, g_params, rng, step):
+        """(scalar loss, metrics) of one discriminator update; G is held fixed. `examples`:
+        the real images, their text vectors and the mismatched ones (rolled over the whole
+        batch); `rows`: which rows of the step's batch they are."""
         gc = self.gc
-        real = batch["image"]
+        real, text_vec = examples["image"], examples["text_vec"]
         k_z, k_noise = jax.random.split(rng)
-        fake = self._generate(g_params, self._z(k_z, real.shape[0]), text_vec, k_noise, train=True)
+        z = rows.normal(k_z, (real.shape[0], gc.z_dim))
+        fake = self._generate(g_params, z, text_vec, rows.key(k_noise), train=True)
         fake = jax.lax.stop_gradient(fake)
         l_real = self._discriminate(d_params, real, text_vec)
         l_fake = self._discriminate(d_params, fake, text_vec)
         fake_term = losses.d_fake_loss(gc.objective, l_fake)
         mismatch = {}
         if gc.matching_aware:
-            l_mis = self._discriminate(d_params, real, jnp.roll(text_vec, 1, axis=0))
+            l_mis = self._discriminate(d_params, real, examples["text_mis"])
             fake_term = 0.5 * (fake_term + losses.d_fake_loss(gc.objective, l_mis))
             # How far D tells a real image's own caption from another's: its text use.
             mismatch = {"d_mismatch": jnp.mean(jax.nn.sigmoid(l_mis))}
@@ -158,13 +156,14 @@ class GAN(Method):
         }
         return total, metrics
 
-    def generator_loss(self, g_params, d_params, batch, rng, frozen: Frozen | None = None):
+    def generator_loss(
+        self, g_params, batch, rows: Rows, d_params, rng, frozen: Frozen | None = None
+    ):
         """(scalar loss, None) of one generator update; D is held fixed."""
         k_z, k_noise = jax.random.split(rng)
         text_vec = self._text_vector(g_params, batch, frozen)
-        fake = self._generate(
-            g_params, self._z(k_z, text_vec.shape[0]), text_vec, k_noise, train=True
-        )
+        z = rows.normal(k_z, (text_vec.shape[0], self.gc.z_dim))
+        fake = self._generate(g_params, z, text_vec, rows.key(k_noise), train=True)
         # The text encoder learns through G's conditioning only: a gradient through D's
         # text input would let it move text vectors to where D accepts fakes.
         logits = self._discriminate(d_params, fake, jax.lax.stop_gradient(text_vec))
@@ -176,17 +175,22 @@ class GAN(Method):
         g_params = state.params["generator"]
         k_d, k_g = jax.random.split(rng)
         text_vec = jax.lax.stop_gradient(self._text_vector(g_params, batch, frozen))
+        d_examples = {
+            "image": batch["image"],
+            "text_vec": text_vec,
+            "text_mis": jnp.roll(text_vec, 1, axis=0),  # another example's caption
+        }
 
         d_params, d_opt = state.params["discriminator"], state.opt_state["discriminator"]
         for key in jax.random.split(k_d, self.gc.n_critic):  # n_critic is small and static
-            d = gradient_update(
-                self.discriminator_loss, d_params, d_opt, self.d_optimizer,
-                g_params, batch, text_vec, key, state.step,
+            d = self.update(
+                self.discriminator_loss, d_params, d_opt, self.d_optimizer, d_examples,
+                g_params, key, state.step,
             )  # fmt: skip
             d_params, d_opt = d.params, d.opt_state
-        g = gradient_update(
+        g = self.update(
             self.generator_loss, g_params, state.opt_state["generator"], self.g_optimizer,
-            d_params, batch, k_g, frozen,
+            batch, d_params, k_g, frozen,
         )  # fmt: skip
         new_state = next_state(
             state,

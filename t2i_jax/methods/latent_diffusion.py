@@ -27,6 +27,7 @@ from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods.base import Frozen
 from t2i_jax.methods.diffusion import Diffusion
+from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.methods.vae import VAE
 from t2i_jax.text.setup import TextSetup
 
@@ -80,6 +81,10 @@ class LatentDiffusion(Diffusion):
 
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
         vae_config = check_autoencoder(config)
+        # The frozen VAE computes as this run does (it is never differentiated: no remat).
+        vae_config.train.compute_dtype = config.train.get("compute_dtype", "float32")
+        vae_config.train.remat = "none"
+        vae_config.train.grad_accum_steps = 1
         # Text-free: the VAE reads no caption, so this run's text setup serves it.
         self.vae = VAE(vae_config, text)
         self.scale = config.ldm.latent_scale
@@ -123,9 +128,11 @@ class LatentDiffusion(Diffusion):
         frozen: Frozen | None = None,
         *,
         train: bool = True,
+        rows: Rows = WHOLE,
     ):
         latents = self.latents(frozen[AUTOENCODER], batch["image"])
-        return super().loss_terms(params, {**batch, "image": latents}, rng, frozen, train=train)
+        batch = {**batch, "image": latents}
+        return super().loss_terms(params, batch, rng, frozen, train=train, rows=rows)
 
     def finish(self, frozen: Frozen | None, x0: jax.Array) -> jax.Array:
         return self.decode(frozen[AUTOENCODER], x0)

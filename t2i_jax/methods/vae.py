@@ -34,9 +34,9 @@ from t2i_jax.methods.base import (
     Method,
     SampleOption,
     TrainState,
-    gradient_update,
     next_state,
 )
+from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.nets.autoencoder import LatentPrior, encoder_decoder, latent_side
 from t2i_jax.optim import make_optimizer
 from t2i_jax.text.setup import TextSetup
@@ -82,8 +82,9 @@ class VAE(Method):
         side = latent_side(config.data.image_size, vc.channel_mults, "vae.channel_mults")
         self.latent_shape = (side, side, vc.latent_channels)
         out = 6 if vc.likelihood == "logistic" else 3  # (mean, log-scale) or the mean
-        self.encoder, self.decoder = encoder_decoder(vc, 2 * vc.latent_channels, out)
-        self.prior = LatentPrior(self.latent_shape, vc.prior_hidden)
+        encoder, decoder = encoder_decoder(vc, 2 * vc.latent_channels, out)
+        self.encoder, self.decoder = self.network(encoder), self.network(decoder)
+        self.prior = self.network(LatentPrior(self.latent_shape, vc.prior_hidden))
         self.optimizer = make_optimizer(config.optim, config.train.steps)
 
     def load_frozen(self) -> Frozen:
@@ -140,7 +141,7 @@ class VAE(Method):
         model["decoder"] = self.decoder.init(k_dec, z, cond)["params"]
         if self.vc.prior == "learned":
             model["prior"] = self.prior.init(k_prior, cond)["params"]
-        return TrainState.create({"model": model}, {"model": self.optimizer})
+        return self.new_state({"model": model}, {"model": self.optimizer})
 
     def loss_terms(
         self,
@@ -150,14 +151,16 @@ class VAE(Method):
         frozen: Frozen | None = None,
         *,
         train: bool = True,
+        rows: Rows = WHOLE,
     ) -> dict[str, jax.Array]:
         """Per-example ELBO terms [B] in nats (vdm style: the caller weighs and reduces),
-        plus the posterior means [B, ...] for the active-unit count."""
+        plus the posterior means [B, ...] for the active-unit count. `rows`: the microbatch
+        `batch` is of the step's batch."""
         image = batch["image"]
         k_z, k_text = jax.random.split(rng)
-        cond = self._text_vector(model, batch, frozen, train=train, rng=k_text)
+        cond = self._text_vector(model, batch, frozen, train=train, rng=rows.key(k_text))
         mean_q, logvar_q = self.posterior(model, image, cond)
-        z = mean_q + jnp.exp(0.5 * logvar_q) * jax.random.normal(k_z, mean_q.shape)
+        z = mean_q + jnp.exp(0.5 * logvar_q) * rows.normal(k_z, mean_q.shape)
         mean_x, log_scale = self.decode(model, z, cond)
         mean_p, logvar_p = self.prior_params(model, cond, image.shape[0])
         kl = losses.gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
@@ -170,13 +173,13 @@ class VAE(Method):
         vc = self.vc
         weight = losses.kl_weight(state.step, vc.beta, vc.kl_warmup_steps)
 
-        def loss_fn(model):
-            terms = self.loss_terms(model, batch, rng, frozen)
+        def loss_fn(model, examples, rows):
+            terms = self.loss_terms(model, examples, rng, frozen, rows=rows)
             kl_floored = losses.free_bits_kl(terms["kl"], vc.free_bits)
             return jnp.mean(terms["recon"] + weight * kl_floored), terms
 
-        update = gradient_update(
-            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        update = self.update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer, batch
         )
         terms = update.aux
         recon = jnp.mean(terms["recon"])

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from t2i_jax import precision
 from t2i_jax.errors import ConfigError, UserError
 from t2i_jax.methods import vector_quantizer as vq
 from t2i_jax.methods.base import (
@@ -42,10 +43,10 @@ from t2i_jax.methods.base import (
     Method,
     SampleOption,
     TrainState,
-    gradient_update,
     next_state,
 )
 from t2i_jax.methods.code_sampling import SamplingOptions, check_options, sample_codes
+from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.nets import lpips
 from t2i_jax.nets.autoencoder import encoder_decoder, latent_side
 from t2i_jax.nets.code_prior import CodePrior
@@ -117,14 +118,16 @@ class VQVAE(Method):
         super().__init__(config, text)
         self.vc = vc = config.vqvae
         self.side = latent_side(config.data.image_size, vc.channel_mults, "vqvae.channel_mults")
-        self.encoder, self.decoder = encoder_decoder(vc, vc.code_dim, 3)
-        self.prior = CodePrior(
+        encoder, decoder = encoder_decoder(vc, vc.code_dim, 3)
+        self.encoder, self.decoder = self.network(encoder), self.network(decoder)
+        prior = CodePrior(
             num_codes=vc.num_codes,
             seq_len=self.side * self.side,
             width=vc.prior_width,
             depth=vc.prior_depth,
             num_heads=vc.prior_heads,
         )
+        self.prior = self.network(prior)
         self.perceptual_weight = perceptual_weight(vc)
         # LPIPS-vgg's linear layers ship with t2i_jax; its backbone is frozen weights.
         self.lpips_linear = None
@@ -179,7 +182,7 @@ class VQVAE(Method):
             codebook=vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim),
             prior=self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
         )
-        return TrainState.create({"model": model}, {"model": self.optimizer})
+        return self.new_state({"model": model}, {"model": self.optimizer})
 
     def autoencode(self, model, image, frozen: Frozen | None = None) -> dict[str, jax.Array]:
         """Per-example recon (mean squared error), commitment and, when weighted, perceptual
@@ -206,14 +209,22 @@ class VQVAE(Method):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes), axis=1)
 
     def loss_terms(
-        self, model, batch: dict, rng: jax.Array, frozen: Frozen | None = None
+        self,
+        model,
+        batch: dict,
+        rng: jax.Array,
+        frozen: Frozen | None = None,
+        rows: Rows = WHOLE,
     ) -> dict[str, jax.Array]:
-        """The autoencoder's terms and the prior's, captions dropped with p_uncond."""
+        """The autoencoder's terms and the prior's, captions dropped with p_uncond; `rows`:
+        the microbatch `batch` is of the step's batch."""
         terms = self.autoencode(model, batch["image"], frozen)
         k_drop, k_text = jax.random.split(rng)
-        drop = jax.random.bernoulli(k_drop, self.vc.p_uncond, (batch["image"].shape[0],))
+        drop = rows.bernoulli(k_drop, self.vc.p_uncond, (batch["image"].shape[0],))
         text_params = self.conditioner.params(model, frozen)
-        feats = self.conditioner.features(text_params, batch, drop, train=True, rng=k_text)
+        feats = self.conditioner.features(
+            text_params, batch, drop, train=True, rng=rows.key(k_text)
+        )
         terms["prior_loss"] = self.prior_loss(model, terms["codes"], feats)
         return terms
 
@@ -224,16 +235,16 @@ class VQVAE(Method):
         k_loss, k_restart = jax.random.split(rng)
         prior_on = (state.step >= vc.prior_start).astype(jnp.float32)
 
-        def loss_fn(model):
-            terms = self.loss_terms(model, batch, k_loss, frozen)
+        def loss_fn(model, examples, rows):
+            terms = self.loss_terms(model, examples, k_loss, frozen, rows)
             loss = terms["recon"] + vc.commitment * terms["commitment"]
             if "perceptual" in terms:
                 loss = loss + self.perceptual_weight * terms["perceptual"]
             loss = jnp.mean(loss + prior_on * terms["prior_loss"])
             return loss, terms
 
-        update = gradient_update(
-            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer
+        update = self.update(
+            loss_fn, state.params["model"], state.opt_state["model"], self.optimizer, batch
         )
         terms = update.aux
         flat = terms["z_e"].reshape(-1, vc.code_dim)
@@ -244,11 +255,16 @@ class VQVAE(Method):
         codebook, restarted = vq.restart_dead_codes(
             codebook, flat, k_restart, threshold=vc.dead_code_threshold
         )
+        # The codebook state is kept in the params' dtype (its update runs in float32).
+        codebook = jax.tree.map(
+            lambda new, old: new.astype(old.dtype), codebook, state.params["model"]["codebook"]
+        )
         model = {**update.params, "codebook": codebook}
         new_state = next_state(
             state, {"model": model}, {"model": update.opt_state}, self.config.optim.ema
         )
-        ema = {"model": {**new_state.ema_params["model"], "codebook": codebook}}  # the live one
+        live = precision.cast(codebook, jnp.float32)  # the EMA copy holds the live codebook
+        ema = {"model": {**new_state.ema_params["model"], "codebook": live}}
         new_state = new_state.replace(ema_params=ema)
         usage = vq.usage(codes, vc.num_codes)
         metrics = {

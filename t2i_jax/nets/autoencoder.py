@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.errors import ConfigError
 from t2i_jax.layers import Downsample, ResBlock, Upsample, group_norm
 
@@ -37,20 +38,22 @@ class Encoder(nn.Module):
     num_res_blocks: int = 1
     out_channels: int = 8
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         emb = _condition(cond, x.shape[0], self.dtype)
+        res_block = rematerialise.block(ResBlock, self.remat)
         h = part.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.channel_mults):
             width = self.channels * mult
             for i in range(self.num_res_blocks):
-                h = ResBlock(width, dtype=self.dtype, name=f"down{level}_res{i}")(
+                h = res_block(width, dtype=self.dtype, name=f"down{level}_res{i}")(
                     h, emb, train=False
                 )
             if level < len(self.channel_mults) - 1:
                 h = Downsample(width, self.dtype, name=f"down{level}_resample")(h)
-        h = ResBlock(h.shape[-1], dtype=self.dtype, name="mid")(h, emb, train=False)
+        h = res_block(h.shape[-1], dtype=self.dtype, name="mid")(h, emb, train=False)
         h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
         h = part.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
@@ -64,17 +67,21 @@ class Decoder(nn.Module):
     num_res_blocks: int = 1
     out_channels: int = 3
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, z: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         emb = _condition(cond, z.shape[0], self.dtype)
+        res_block = rematerialise.block(ResBlock, self.remat)
         top = self.channels * self.channel_mults[-1]
         h = part.Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-        h = ResBlock(top, dtype=self.dtype, name="mid")(h, emb, train=False)
+        h = res_block(top, dtype=self.dtype, name="mid")(h, emb, train=False)
         for level in reversed(range(len(self.channel_mults))):
             width = self.channels * self.channel_mults[level]
             for i in range(self.num_res_blocks):
-                h = ResBlock(width, dtype=self.dtype, name=f"up{level}_res{i}")(h, emb, train=False)
+                h = res_block(width, dtype=self.dtype, name=f"up{level}_res{i}")(
+                    h, emb, train=False
+                )
             if level > 0:
                 h = Upsample(width, self.dtype, name=f"up{level}_resample")(h)
         h = nn.silu(group_norm(h.shape[-1], self.dtype, "norm_out")(h))
@@ -89,6 +96,7 @@ class LatentPrior(nn.Module):
     latent_shape: Sequence[int]
     hidden: int = 256
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.layers import TransformerBlock
 
 
@@ -28,6 +29,7 @@ class CodePrior(nn.Module):
       num_codes: K, the codebook size (BOS is token K).
       seq_len: length of a code sequence (the grid's h * w); the cache's size.
       width, depth, num_heads, mlp_ratio: the transformer's sizes.
+      dtype: compute dtype; remat: none | blocks | full (t2i_jax/remat.py).
     """
 
     num_codes: int
@@ -37,6 +39,7 @@ class CodePrior(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @property
     def bos(self) -> int:
@@ -64,7 +67,7 @@ class CodePrior(nn.Module):
         context = nn.LayerNorm(dtype=self.dtype, name="context_norm")(text_seq)
         context = part.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
         for i in range(self.depth):
-            x = TransformerBlock(
+            x = rematerialise.block(TransformerBlock, self.remat)(
                 self.num_heads,
                 self.mlp_ratio,
                 causal=True,
@@ -72,7 +75,7 @@ class CodePrior(nn.Module):
                 cache_len=self.seq_len,
                 dtype=self.dtype,
                 name=f"block{i}",
-            )(x, context=context, context_mask=text_mask.astype(bool), decode=decode)
+            )(x, None, context, text_mask.astype(bool), decode=decode)
         x = nn.LayerNorm(dtype=self.dtype, name="norm_out")(x)
         return part.Dense(self.num_codes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
 
@@ -95,6 +96,7 @@ class DFGenerator(nn.Module):
     channel_mults: Sequence[int] = (4, 4, 2, 1)  # 4x4 ... image_size (len = levels + 1)
     cond_hidden: int = 128
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, z: jax.Array, text: jax.Array, *, train: bool = False) -> jax.Array:
@@ -106,8 +108,9 @@ class DFGenerator(nn.Module):
         cond = jnp.concatenate([z, text], axis=-1).astype(self.dtype)
         x = part.Dense(4 * 4 * widths[0], dtype=self.dtype, name="fc")(z.astype(self.dtype))
         x = x.reshape(z.shape[0], 4, 4, widths[0])
+        block = rematerialise.block(GBlock, self.remat)
         for i, width in enumerate(widths[1:]):
-            x = GBlock(width, self.cond_hidden, self.dtype, name=f"block{i}")(x, cond)
+            x = block(width, self.cond_hidden, self.dtype, name=f"block{i}")(x, cond)
         x = part.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(nn.leaky_relu(x, 0.2))
         # Linear output (StyleGAN2's choice, not DF-GAN's tanh): flat saturated colours ask
         # tanh for unbounded pre-activations, its gradient vanishes and G stops learning
@@ -141,6 +144,7 @@ class DFDiscriminator(nn.Module):
     channel_mults: Sequence[int] = (1, 2, 4, 4)  # image_size ... 4x4 (len = levels + 1)
     conditioning: str = "concat"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
@@ -150,7 +154,7 @@ class DFDiscriminator(nn.Module):
         widths = [self.channels * m for m in self.channel_mults]
         h = part.Conv(widths[0], (3, 3), dtype=self.dtype, name="from_rgb")(x.astype(self.dtype))
         for i, width in enumerate(widths[1:]):
-            h = DBlock(width, self.dtype, name=f"block{i}")(h)
+            h = rematerialise.block(DBlock, self.remat)(width, self.dtype, name=f"block{i}")(h)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
 
 

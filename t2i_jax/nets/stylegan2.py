@@ -16,6 +16,7 @@ regulariser.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.layers import upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
 
@@ -106,6 +108,7 @@ class StyleGenerator(nn.Module):
     mapping_layers: int = 4
     text_dim: int = 128
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     def setup(self):
         levels = int(math.log2(self.image_size)) - 2
@@ -114,18 +117,19 @@ class StyleGenerator(nn.Module):
         if len(self.channel_mults) != levels + 1:
             raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
         self.widths = [self.channels * m for m in self.channel_mults]
-        self.text_proj = part.Dense(self.text_dim, name="text_proj")
-        self.mlp = [part.Dense(self.w_dim, name=f"map{i}") for i in range(self.mapping_layers)]
+        self.text_proj = part.Dense(self.text_dim, dtype=self.dtype, name="text_proj")
+        self.mlp = [
+            part.Dense(self.w_dim, dtype=self.dtype, name=f"map{i}")
+            for i in range(self.mapping_layers)
+        ]
         self.const = self.param(
             "const",
             part.annotated(nn.initializers.normal(1.0), (None, None, part.EMBED)),
             (4, 4, self.widths[0]),
         )
+        layer = rematerialise.block(StyleLayer, self.remat)
         self.layers = [
-            [
-                StyleLayer(width, self.dtype, name=f"res{i}_conv{j}")
-                for j in range(1 if i == 0 else 2)
-            ]
+            [layer(width, self.dtype, name=f"res{i}_conv{j}") for j in range(1 if i == 0 else 2)]
             for i, width in enumerate(self.widths)
         ]
         self.to_rgb = [
@@ -181,21 +185,27 @@ class StyleDiscriminator(nn.Module):
     channel_mults: Sequence[int] = (1, 2, 4, 4)  # image_size ... 4x4
     conditioning: str = "projection"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
         widths = [self.channels * m for m in self.channel_mults]
-        h = nn.leaky_relu(part.Conv(widths[0], (1, 1), name="from_rgb")(x.astype(self.dtype)), 0.2)
+        conv = functools.partial(part.Conv, dtype=self.dtype)
+        h = nn.leaky_relu(conv(widths[0], (1, 1), name="from_rgb")(x.astype(self.dtype)), 0.2)
         for i, width in enumerate(widths[1:]):
-            r = nn.leaky_relu(part.Conv(h.shape[-1], (3, 3), name=f"block{i}_conv0")(h), 0.2)
-            r = nn.avg_pool(part.Conv(width, (3, 3), name=f"block{i}_conv1")(r), (2, 2), (2, 2))
-            r = nn.leaky_relu(r, 0.2)
-            s = nn.avg_pool(
-                part.Conv(width, (1, 1), use_bias=False, name=f"block{i}_skip")(h), (2, 2), (2, 2)
-            )
-            h = (s + r) / math.sqrt(2.0)
+
+            def residual(module, h, i=i, width=width):
+                # Defined on `module` (self, or its checkpointed clone): the same names.
+                conv = functools.partial(part.Conv, dtype=module.dtype, parent=module)
+                r = nn.leaky_relu(conv(h.shape[-1], (3, 3), name=f"block{i}_conv0")(h), 0.2)
+                r = nn.avg_pool(conv(width, (3, 3), name=f"block{i}_conv1")(r), (2, 2), (2, 2))
+                r = nn.leaky_relu(r, 0.2)
+                s = conv(width, (1, 1), use_bias=False, name=f"block{i}_skip")(h)
+                return (nn.avg_pool(s, (2, 2), (2, 2)) + r) / math.sqrt(2.0)
+
+            h = rematerialise.inline(residual, self.remat)(self, h)
         h = minibatch_stddev(h)
-        h = nn.leaky_relu(part.Conv(widths[-1], (3, 3), name="final_conv")(h), 0.2)
+        h = nn.leaky_relu(conv(widths[-1], (3, 3), name="final_conv")(h), 0.2)
         return ConditionalHead(self.conditioning, dtype=self.dtype, name="head")(h, text)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.layers import (
     CrossAttention2D,
     Downsample,
@@ -41,6 +42,7 @@ class UNet(nn.Module):
       dropout: ResBlock dropout rate, active only when train=True (uses the 'dropout' rng).
       out_channels: channels of the output.
       dtype: compute dtype (params stay float32); the output is float32.
+      remat: none | blocks | full (t2i_jax/remat.py).
       mid_attention: self- and cross-attention in the middle block.
     """
 
@@ -54,6 +56,7 @@ class UNet(nn.Module):
     out_channels: int = 3
     dtype: jnp.dtype = jnp.float32
     mid_attention: bool = True
+    remat: str = "none"
 
     def _attend(
         self,
@@ -67,11 +70,13 @@ class UNet(nn.Module):
         res = h.shape[1]
         full = force or res in self.attention_resolutions
         if full:
-            h = SelfAttention2D(self.num_heads, dtype=self.dtype, name=f"{prefix}_self_attn")(h)
+            h = rematerialise.block(SelfAttention2D, self.remat)(
+                self.num_heads, dtype=self.dtype, name=f"{prefix}_self_attn"
+            )(h)
         if text_seq is not None and (full or res in self.cross_attention_resolutions):
-            h = CrossAttention2D(self.num_heads, dtype=self.dtype, name=f"{prefix}_cross_attn")(
-                h, text_seq, text_mask
-            )
+            h = rematerialise.block(CrossAttention2D, self.remat)(
+                self.num_heads, dtype=self.dtype, name=f"{prefix}_cross_attn"
+            )(h, text_seq, text_mask)
         return h
 
     @nn.compact
@@ -95,7 +100,9 @@ class UNet(nn.Module):
         emb = part.Dense(emb_dim, dtype=self.dtype, name="time_in")(emb)
         emb = part.Dense(emb_dim, dtype=self.dtype, name="time_out")(nn.silu(emb))
         emb = emb + part.Dense(emb_dim, dtype=self.dtype, name="pooled_proj")(text_pooled)
-        res_block = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype)
+        res_block = functools.partial(
+            rematerialise.block(ResBlock, self.remat), dropout=self.dropout, dtype=self.dtype
+        )
 
         h = part.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="conv_in")(
             x.astype(self.dtype)

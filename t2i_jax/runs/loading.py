@@ -71,10 +71,14 @@ class Run:
         return int(sharding.to_host(self.state.step))
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, compute_dtype: str | None = None) -> Run:
     """The run's latest checkpoint, with its method and frozen weights, on the run's mesh
-    (`mesh` config) over this machine's devices, whatever the mesh it was saved from."""
+    (`mesh` config) over this machine's devices, whatever the mesh it was saved from.
+    `compute_dtype` ("float32" or "bfloat16"; None: the run's `train.compute_dtype`) is the
+    dtype its networks compute in; the parameters are read as they were saved."""
     config = read_config(workdir)
+    if compute_dtype is not None:
+        config.train.compute_dtype = compute_dtype
     text = build_text(config, TextContext(workdir, builder=None, seed=config.seed))
     method = registry.build_method(config, text)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.errors import CheckpointError
 from t2i_jax.text.features import TextFeatures
 
@@ -131,11 +132,13 @@ class BertEncoder(nn.Module):
       dropout: apply the config's dropout rates when train=True (fine-tuning; uses the
         'dropout' rng). False (the default) keeps a frozen encoder deterministic.
       dtype: compute dtype (params stay float32; softmax in float32); outputs float32.
+      remat: none | blocks | full (t2i_jax/remat.py).
     """
 
     config: BertConfig
     dropout: bool = False
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> TextFeatures:
@@ -156,8 +159,9 @@ class BertEncoder(nn.Module):
             epsilon=cfg.layer_norm_eps, use_fast_variance=False, name="embeddings_norm"
         )(x).astype(self.dtype)
         x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not (train and self.dropout))(x)
+        layer = rematerialise.block(_BertLayer, self.remat)
         for i in range(cfg.num_hidden_layers):
-            x = _BertLayer(cfg, self.dropout, self.dtype, name=f"layer_{i}")(x, mask, train=train)
+            x = layer(cfg, self.dropout, self.dtype, name=f"layer_{i}")(x, mask, train=train)
 
         valid = mask[..., None]
         seq = jnp.where(valid, x.astype(jnp.float32), 0.0)

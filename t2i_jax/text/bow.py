@@ -203,6 +203,7 @@ class BagOfWords(nn.Module):
       sublinear_tf: tf = 1 + ln(count); set it as the statistics were fitted.
       layer_norm: LayerNorm after the projection.
       dtype: compute dtype of the projection (params stay float32); outputs are float32.
+      remat: none | blocks | full (t2i_jax/remat.py; no blocks: only full applies).
     """
 
     vocab_size: int
@@ -211,6 +212,7 @@ class BagOfWords(nn.Module):
     sublinear_tf: bool = False
     layer_norm: bool = True
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> TextFeatures:

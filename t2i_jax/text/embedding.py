@@ -64,12 +64,16 @@ class WordEmbedding(nn.Module):
         it from a given matrix (e.g. `glove_init`'s).
       dropout: dropout on the token embeddings, active only when train=True (uses the
         'dropout' rng).
+      dtype, remat: unused (a table lookup has no matmul and no blocks); declared, as
+        by every network, for `remat.configure`.
     """
 
     vocab_size: int
     width: int = 128
     embedding_init: Callable[..., jax.Array] = nn.initializers.normal(0.02)
     dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> TextFeatures:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2i_jax import partitioning as part
+from t2i_jax import remat as rematerialise
 from t2i_jax.layers import TransformerBlock
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextContext, TextSetup
@@ -30,6 +31,7 @@ class TransformerTextEncoder(nn.Module):
       dropout: residual dropout rate, active only when train=True (uses the 'dropout' rng).
       causal: also mask keys after each query (left-to-right encoder).
       dtype: compute dtype (params stay float32); outputs are float32.
+      remat: none | blocks | full (t2i_jax/remat.py).
     """
 
     vocab_size: int
@@ -41,6 +43,7 @@ class TransformerTextEncoder(nn.Module):
     dropout: float = 0.0
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # none | blocks | full (t2i_jax/remat.py)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> TextFeatures:
@@ -71,7 +74,7 @@ class TransformerTextEncoder(nn.Module):
         attn_mask = allowed[:, None]  # [B, 1(head), L, L]
 
         for i in range(self.depth):
-            x = TransformerBlock(
+            x = rematerialise.block(TransformerBlock, self.remat)(
                 self.num_heads,
                 self.mlp_ratio,
                 self.dropout,

@@ -6,9 +6,8 @@ import json
 import math
 import os
 
-from tensorboardX import SummaryWriter
-
 from t2i_jax.errors import UserError
+from t2i_jax.train.tensorboard import EventWriter
 
 PERF = "perf"  # the row key of a log row's timings (train/throughput.py)
 
@@ -21,7 +20,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled else None
+        self._tb = EventWriter(os.path.join(workdir, "tb")) if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """Drops lines past `step`, so a resumed run's log equals an uninterrupted one's."""
@@ -45,9 +44,7 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         tb = {**scalars, **{f"{PERF}/{k}": v for k, v in perf.items()}}
-        for name, value in tb.items():
-            self._tb.add_scalar(name, value, step)
-        self._tb.flush()
+        self._tb.scalars(step, tb)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -48,6 +48,9 @@ def run_steps(config, devices, tmp_path, steps=3):
     return jax.device_get(state), history, initial
 
 
+# Slow: tests/train/test_fsdp.py splits the batch 8 ways (and the state) against one device
+# and tests/train/test_multiprocess.py compares two 8-device data-parallel runs.
+@pytest.mark.slow
 def test_train_step_on_8_devices_matches_1_device(test_config, tmp_path):
     assert len(jax.devices()) == 8
     one, m1, initial = run_steps(test_config, jax.devices()[:1], tmp_path)

@@ -6,7 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import build_method, real_batch
+from helpers import build_method, real_batch, train_steps
 
 from t2i_jax import sharding
 from t2i_jax.checkpoint import Checkpointer
@@ -34,20 +34,14 @@ def compiled(config, method, devices, **mesh):
 
 
 def train(fns, batch, steps: int):
-    state = fns.init(jax.random.key(0))
-    losses = []
-    for i in range(steps):
-        state, metrics = fns.train_step(
-            state, jax.device_put(batch, fns.batch_sharding), jax.random.key(100 + i)
-        )
-        losses.append(float(metrics["loss"]))
-    return state, losses
+    state, logs = train_steps(fns, batch, steps)
+    return state, [log["loss"] for log in logs]
 
 
 def test_fsdp_shards_the_state_and_trains_like_one_device(method_and_batch):
     config, method, batch = method_and_batch
     fsdp = compiled(config, method, jax.devices(), data=1, fsdp=8)
-    one = compiled(config, method, jax.devices()[:1])  # (8-way data parallel: test_diffusion)
+    one = compiled(config, method, jax.devices()[:1])
     state, losses = train(fsdp, batch, steps=3)
 
     # Each device holds 1/8 of every tensor of MIN_SHARD elements or more: parameters, EMA
