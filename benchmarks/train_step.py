@@ -80,7 +80,7 @@ def main() -> None:
     key = jax.random.key(1)
 
     lowered = fns.step_fn.lower(state, batch, key, fns.frozen)
-    flops = throughput.step_flops(lowered)  # all devices
+    flops = loop.train_step_flops(method, fns, config)  # all devices; K microbatches: all K
     memory = lowered.compile().memory_analysis()
     per_device = sum(
         getattr(memory, f, 0) or 0

@@ -9,6 +9,7 @@ point continues from its latest checkpoint when started again with the same comm
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -175,12 +176,24 @@ def compile_functions(
     )
 
 
-def _throughput_meter(fns: TrainFunctions, config, mesh) -> throughput.Throughput:
-    """FLOPs of one step (XLA's cost analysis of the lowered step: tracing is shared with
-    the first call, nothing extra is compiled) and the device's peak."""
+def train_step_flops(method: Method, fns: TrainFunctions, config) -> float:
+    """FLOPs of one train step, all devices (XLA's cost analysis of the lowered step:
+    tracing is shared with the first call, nothing extra is compiled). The cost analysis
+    counts a loop's body once, so a step accumulating K microbatches is counted as the
+    one-batch step it equals (lowered, not compiled, once more)."""
     batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
     key = jax.random.key(0)
-    flops = throughput.step_flops(fns.step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
+    step_fn = fns.step_fn
+    if method.microbatches > 1:
+        whole = copy.copy(method)
+        whole.microbatches = 1
+        step_fn = jax.jit(whole.train_step)
+    return throughput.step_flops(step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
+
+
+def _throughput_meter(method: Method, fns: TrainFunctions, config, mesh) -> throughput.Throughput:
+    """FLOPs of one step and the device's peak."""
+    flops = train_step_flops(method, fns, config)
     peak, source = throughput.device_peak(mesh.devices.flat[0])
     log.info("train step: %.4g FLOPs; device peak %.4g FLOP/s (%s)", flops, peak, source)
     return throughput.Throughput(config.train.batch_size, flops, mesh.size, peak)
@@ -281,7 +294,7 @@ def train_and_evaluate(
             dynamic_ncols=True,
             desc="train",
         )
-        meter = _throughput_meter(fns, config, mesh)
+        meter = _throughput_meter(method, fns, config, mesh)
         with _StopOnSignal() as stop:
             while step < total:
                 batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
