@@ -11,6 +11,7 @@ from helpers import build_method, real_batch, train_steps
 
 from t2i_jax.methods import microbatches as mb
 from t2i_jax.methods.base import TrainState, gradient_update, next_state
+from t2i_jax.train import throughput
 
 DIFFUSION = "experiments/diffusion_shapes.py"
 GAN = "experiments/gan_shapes.py"
@@ -27,7 +28,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def built(data_dir, tmp_path_factory):
     """(method, train functions, batch) per (experiment, extra overrides), built once."""
-    cache = {}
+    cache, configs = {}, {}
 
     def get(experiment, **overrides):
         key = (experiment, tuple(sorted(overrides.items())))
@@ -37,8 +38,12 @@ def built(data_dir, tmp_path_factory):
                 experiment, data_dir, workdir, **TINY[experiment], **overrides
             )
             cache[key] = (method, fns, real_batch(config, builder, method))
+            configs[key] = config
         return cache[key]
 
+    get.config = lambda experiment, **overrides: configs[
+        (experiment, tuple(sorted(overrides.items())))
+    ]
     return get
 
 
@@ -97,6 +102,23 @@ def test_accumulating_4_microbatches_of_8_equals_one_batch_of_32(experiment, bui
     # ... and not because there was nothing to compare: the gradients are not zero.
     moments = [np.max(np.abs(x)) for x in jax.tree.leaves(state_one.opt_state) if x.ndim]
     assert max(moments) > 1e-6
+
+
+def test_an_accumulated_step_counts_the_flops_of_the_whole_batch(built):
+    from t2i_jax.train.loop import train_step_flops
+
+    one_method, one, _ = built(DIFFUSION)
+    method, four, _ = built(DIFFUSION, **{"train.grad_accum_steps": 4})
+    config = built.config(DIFFUSION, **{"train.grad_accum_steps": 4})
+    flops = train_step_flops(method, four, config)
+    assert flops == train_step_flops(one_method, one, built.config(DIFFUSION))
+    # XLA's own count of the scan step sees the loop body (one microbatch) once.
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=four.batch_sharding),
+        built(DIFFUSION)[2],
+    )
+    lowered = four.step_fn.lower(four.abstract_state, batch, jax.random.key(0), four.frozen)
+    assert throughput.step_flops(lowered) < 0.5 * flops
 
 
 def test_grad_accum_steps_must_divide_the_batch(built):
