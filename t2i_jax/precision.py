@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from t2i_jax.errors import ConfigError
 
@@ -26,15 +25,6 @@ def dtype_named(name: str, key: str) -> Any:
     if name not in DTYPES:
         raise ConfigError(f"{key}={name!r}: choose {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    # Runs made before the key existed computed in float32.
-    return dtype_named(config.train.get("compute_dtype", "float32"), "train.compute_dtype")
-
-
-def param_dtype(config: ml_collections.ConfigDict) -> Any:
-    return dtype_named(config.train.get("param_dtype", "float32"), "train.param_dtype")
 
 
 def cast(tree: Any, dtype: Any) -> Any:

@@ -213,8 +213,8 @@ class Method:
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
         check_execution(config)
         self.config = config
-        self.compute_dtype = precision.compute_dtype(config)
-        self.param_dtype = precision.param_dtype(config)
+        self.compute_dtype = dtype_setting(config, "compute_dtype")
+        self.param_dtype = dtype_setting(config, "param_dtype")
         self.remat = train_setting(config, "remat")
         self.microbatches = train_setting(config, "grad_accum_steps")
         text = dataclasses.replace(text, encoder=self.network(text.encoder))
@@ -389,10 +389,15 @@ def train_setting(config: ml_collections.ConfigDict, key: str) -> Any:
     return config.train.get(key, EXECUTION_DEFAULTS[key])
 
 
+def dtype_setting(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The jnp dtype named by `train.<key>` (a ConfigError for an unknown name)."""
+    return precision.dtype_named(train_setting(config, key), f"train.{key}")
+
+
 def check_execution(config: ml_collections.ConfigDict) -> None:
     """One-line ConfigErrors for the dtypes, remat mode and microbatch count."""
-    precision.compute_dtype(config)
-    precision.param_dtype(config)
+    dtype_setting(config, "compute_dtype")
+    dtype_setting(config, "param_dtype")
     mode = train_setting(config, "remat")
     if mode not in rematerialise.REMAT:
         raise ConfigError(f"train.remat={mode!r}: choose {', '.join(rematerialise.REMAT)}")

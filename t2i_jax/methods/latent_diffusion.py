@@ -25,7 +25,7 @@ import ml_collections
 from t2i_jax import config as config_lib
 from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.errors import ConfigError, UserError
-from t2i_jax.methods.base import Frozen
+from t2i_jax.methods.base import Frozen, train_setting
 from t2i_jax.methods.diffusion import Diffusion
 from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.methods.vae import VAE
@@ -82,7 +82,7 @@ class LatentDiffusion(Diffusion):
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
         vae_config = check_autoencoder(config)
         # The frozen VAE computes as this run does (it is never differentiated: no remat).
-        vae_config.train.compute_dtype = config.train.get("compute_dtype", "float32")
+        vae_config.train.compute_dtype = train_setting(config, "compute_dtype")
         vae_config.train.remat = "none"
         vae_config.train.grad_accum_steps = 1
         # Text-free: the VAE reads no caption, so this run's text setup serves it.
