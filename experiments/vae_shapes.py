@@ -2,7 +2,8 @@
 
 Variants (`--config experiments/vae_shapes.py:VARIANT`):
   demo  a 2-core CPU in minutes
-  full  an accelerator: wider networks, more steps
+  full  one 80 GB accelerator: 256x256 scenes, f=8 (32x32x4 latents, latent diffusion's
+        autoencoder at full size), bfloat16
   test  a few seconds per step, for the test suite
 
   t2i train --config experiments/vae_shapes.py:demo --workdir runs/vae
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.method = "vae"
-    c.data = presets.shapes_data(variant)
+    c.data = presets.shapes_data(variant, image_size=256 if variant == "full" else 32)
     c.text = presets.text(variant)
 
     c.vae = ml_collections.ConfigDict()
@@ -59,6 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.vae.num_res_blocks = 1
         c.optim.ema = 0.995
         c.train.update(presets.demo_train())
+    elif variant == "full":
+        # 256 -> 128 -> 64 -> 32, Stable Diffusion's f=8 autoencoder at half its width.
+        c.vae.channels = 64
+        c.vae.channel_mults = (1, 2, 4, 4)
+        c.train.update(batch_size=32, compute_dtype="bfloat16")
     elif variant == "test":
         c.vae.channels = 8
         c.vae.num_res_blocks = 1

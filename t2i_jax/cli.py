@@ -1,7 +1,8 @@
-"""`t2i` command line: train | sample | eval | reconstruct | ablate | metrics | data.
+"""`t2i` command line: train | compile | sample | eval | reconstruct | ablate | metrics | data.
 
   t2i train --config experiments/diffusion_shapes.py:demo --workdir runs/demo \
       [--config.KEY=VALUE ...]
+  t2i compile --config experiments/ldm_shapes.py:full [--config.KEY=VALUE ...]
   t2i sample --workdir runs/demo --prompt "a red circle" [--prompt ...] --num 4 --seed 0 \
       [the family's sample options: --guidance 3 --steps 50 ...] --out samples.png
   t2i eval --workdir runs/demo [--num 256] [--seed 0]
@@ -76,6 +77,25 @@ def _parser() -> argparse.ArgumentParser:
         "--heartbeat-timeout",
         type=int,
         help="seconds after which a silent peer counts as dead and the others exit (default 60)",
+    )
+
+    compile_ = sub.add_parser(
+        "compile",
+        help="compile a config's train step without data or weights; print its memory",
+        description="Lowers and compiles the train step for abstract inputs on this "
+        "machine's devices (train/preflight.py) and prints the parameters, the state and "
+        "XLA's peak memory per device, and the FLOPs per step. The text encoder is fitted "
+        "to the built-in t2i_shapes captions; latent diffusion reads only its "
+        "autoencoder run's config.json.",
+    )
+    compile_.add_argument("--config", required=True, help="experiment file.py[:variant]")
+    compile_.add_argument(
+        "--devices",
+        type=int,
+        help="compile for the first N devices here (default: all); the mesh spans them",
+    )
+    compile_.add_argument(
+        "--json", dest="json_out", metavar="FILE", help="also write the figures as JSON"
     )
 
     sample = sub.add_parser(
@@ -199,6 +219,30 @@ def _train(args, overrides: list[str]) -> int:
         print(f"t2i: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     print(f"report: {args.workdir.rstrip('/')}/report.md")
+    return 0
+
+
+def _compile(args, overrides: list[str]) -> int:
+    import dataclasses
+    import tempfile
+
+    import jax
+
+    from t2i_jax import config as config_lib
+    from t2i_jax.train import preflight
+
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    devices = jax.devices()
+    if args.devices is not None:
+        if not 1 <= args.devices <= len(devices):
+            raise UserError(f"--devices {args.devices}: this machine has {len(devices)}")
+        devices = devices[: args.devices]
+    with tempfile.TemporaryDirectory() as workdir:
+        text = preflight.stand_in_text(config, workdir)
+        step = preflight.compile_train_step(config, text, devices)
+    print(f"{args.config} {' '.join(overrides)}".rstrip() + f": {step.summary()}")
+    _write_json(args.json_out, {**dataclasses.asdict(step), "peak_bytes": step.peak_bytes})
     return 0
 
 
@@ -393,12 +437,15 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(rest)
         if extra and args.command != "sample":  # only sample takes a family's own flags
             parser.parse_args(rest)
-        if overrides and args.command not in ("train", "ablate"):
+        if overrides and args.command not in ("train", "compile", "ablate"):
             raise UserError(
-                f"--config.* overrides apply to `t2i train` and `t2i ablate` only: {overrides[0]}"
+                "--config.* overrides apply to `t2i train`, `t2i compile` and `t2i ablate` "
+                f"only: {overrides[0]}"
             )
         if args.command == "train":
             return _train(args, overrides)
+        if args.command == "compile":
+            return _compile(args, overrides)
         if args.command == "sample":
             return _sample(args, parser.sample_parser, extra)
         if args.command == "eval":

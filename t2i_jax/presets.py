@@ -31,12 +31,19 @@ def check_variant(variant: str | None) -> str:
     return variant
 
 
-def shapes_data(variant: str) -> ml_collections.ConfigDict:
+def shapes_variant(base: str, image_size: int) -> str:
+    """The `t2i_shapes` TFDS config of `base` ("default": 20k train, "small": 512) rendered
+    at `image_size` px: the plain name at 32 px, `{base}_{size}px` otherwise."""
+    return base if image_size == 32 else f"{base}_{image_size}px"
+
+
+def shapes_data(variant: str, image_size: int = 32) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.name = "t2i_shapes"
-    d.variant = "small" if variant == "test" else "default"  # TFDS config: 20k or 512 train
+    # TFDS config: the same scenes and captions at every image size.
+    d.variant = shapes_variant("small" if variant == "test" else "default", image_size)
     d.dir = "data"  # Built here on first use (`t2i data prepare t2i_shapes`).
-    d.image_size = 32
+    d.image_size = image_size
     # grain worker processes; 0 reads in the training process. Known issue: with N > 0 each
     # worker batches its own records (record i goes to worker i % N), so batches differ
     # from those of workers=0 (tests/train/test_input_pipeline.py, xfail).

@@ -141,8 +141,12 @@ def state_shardings(boxed, mesh: Mesh, min_size: int = MIN_SHARD_SIZE):
 
     def one(leaf):
         if is_box(leaf):
-            spec = logical_to_mesh(leaf.names, leaf.value.shape, mesh, min_size)
-            return NamedSharding(mesh, spec)
+            # A box may hold a subtree with no arrays (optax's MaskedNode where an optimizer
+            # mask leaves a parameter out): mapped over, it stays leafless as unboxed.
+            return jax.tree.map(
+                lambda v: NamedSharding(mesh, logical_to_mesh(leaf.names, v.shape, mesh, min_size)),
+                leaf.value,
+            )
         return replicated(mesh)
 
     return jax.tree.map(one, boxed, is_leaf=is_box)

@@ -171,6 +171,20 @@ def untrained_vae_run(data_dir, workdir) -> str:
     return str(workdir)
 
 
+def full_vae_config_run(workdir) -> str:
+    """The VAE run `experiments/ldm_shapes.py:full` builds on, as far as building or
+    compiling the LDM reads it: the config.json of `vae_shapes.py:full` made text-free (a
+    trained run adds checkpoints, which only starting an LDM run reads)."""
+    from t2i_jax import config as config_lib
+
+    vae = config_lib.load_config(os.path.join(REPO, "experiments", "vae_shapes.py:full"))
+    config_lib.apply_overrides(vae, ["vae.conditional=False", "vae.prior=standard"])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(vae))
+    return str(workdir)
+
+
 def real_batch(config, builder, method, split: str = "train") -> dict:
     """The first train.batch_size records of `split` as a batch (images in [-1, 1])."""
     import jax.numpy as jnp

@@ -1,4 +1,8 @@
-"""Procedural `t2i_shapes` scenes: 32x32 images of 1-2 shapes, captions and attribute labels.
+"""Procedural `t2i_shapes` scenes: images of 1-2 shapes, captions and attribute labels.
+
+The scene geometry is defined on a 32x32 canvas (`IMAGE_SIZE`); `image_size` renders the
+same scene at any multiple of 8 px (the shapes scaled, anti-aliased at that resolution), so
+a scene's caption and attributes never depend on its resolution.
 
 Pure numpy, no TFDS: `make_example(seed, split, index)` is a pure function of its arguments,
 so any example can be regenerated alone, in any order, on any machine.
@@ -42,7 +46,7 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 )
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "compositional")
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the canvas the geometry below is measured on, and the default size
 SUPERSAMPLE = 4
 # Cell centres 7 px from the borders and half-extents <= 7 px: a large shape never clips.
 CELL_CENTERS: tuple[float, ...] = (7.0, 16.0, 25.0)
@@ -114,12 +118,21 @@ def scene_is_held_out(attributes: dict[str, Any]) -> bool:
     )
 
 
-@functools.cache  # Only 3 * 2 * 9 distinct masks: render each once per process.
-def _coverage(shape: int, size: int, position: int) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1], float32 [32, 32]: 4x4 supersampling, box-averaged."""
-    n = IMAGE_SIZE * SUPERSAMPLE
-    # Sample points at sub-pixel centres, in pixel units (pixel i spans [i, i + 1]).
+def check_image_size(image_size: int) -> int:
+    if not isinstance(image_size, int) or image_size < 8 or image_size % 8:
+        raise ValueError(f"t2i_shapes renders at a multiple of 8 px, got {image_size!r}")
+    return image_size
+
+
+@functools.cache  # Only 3 * 2 * 9 distinct masks per size: render each once per process.
+def _coverage(shape: int, size: int, position: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1], float32 [S, S]: 4x4 supersampling, box-averaged."""
+    n = image_size * SUPERSAMPLE
+    # Sample points at sub-pixel centres, in canvas units (pixel i of a 32 px image spans
+    # [i, i + 1]); at 32 px this is exactly the historical 32 px rendering.
     coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE
+    if image_size != IMAGE_SIZE:
+        coords = coords * np.float32(IMAGE_SIZE / image_size)
     y, x = np.meshgrid(coords, coords, indexing="ij")
     row, col = divmod(position, 3)
     dx, dy = x - CELL_CENTERS[col], y - CELL_CENTERS[row]
@@ -130,17 +143,17 @@ def _coverage(shape: int, size: int, position: int) -> np.ndarray:
         inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
     else:  # Upward triangle: apex (0, -r), base from (-r, r) to (r, r); |dx| shrinks upwards.
         inside = (dy <= r) & (2.0 * np.abs(dx) <= dy + r)
-    hi = inside.astype(np.float32).reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE)
+    hi = inside.astype(np.float32).reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE)
     coverage = hi.mean(axis=(1, 3))
     coverage.flags.writeable = False  # Shared by the cache.
     return coverage
 
 
-def render(objects: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Renders (shape, colour, size, position) objects on black: uint8 [32, 32, 3]."""
-    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+def render(objects: list[tuple[int, int, int, int]], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Renders (shape, colour, size, position) objects on black: uint8 [S, S, 3]."""
+    image = np.zeros((image_size, image_size, 3), np.float32)
     for shape, color, size, position in objects:
-        alpha = _coverage(int(shape), int(size), int(position))[..., None]
+        alpha = _coverage(int(shape), int(size), int(position), image_size)[..., None]
         image = image * (1.0 - alpha) + alpha * COLOR_RGB[color].astype(np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
@@ -200,12 +213,14 @@ def caption(attrs: dict[str, int]) -> str:
     return TWO_OBJECT_TEMPLATES[attrs["template"]].format(a=a, b=b, **words)
 
 
-def make_example(seed: int, split: str, index: int) -> dict[str, Any]:
-    """Example `index` of `split`: {"image": uint8[32, 32, 3], "caption": str, "attributes"}.
+def make_example(seed: int, split: str, index: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+    """Example `index` of `split`: {"image": uint8[S, S, 3], "caption": str, "attributes"}.
 
     A pure function of (seed, split, index): its own RNG stream, so examples can be made in
     any order or in parallel. Scenes are redrawn until they match the split's held-out rule.
+    The scene does not depend on `image_size`, only its rendering does.
     """
+    check_image_size(image_size)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
@@ -218,7 +233,7 @@ def make_example(seed: int, split: str, index: int) -> dict[str, Any]:
     if attrs["num_objects"] == 2:
         objects.append((attrs["shape2"], attrs["color2"], attrs["size2"], attrs["position2"]))
     return {
-        "image": render(objects),
+        "image": render(objects, image_size),
         "caption": caption(attrs),
         "attributes": {k: np.int32(v) for k, v in attrs.items()},
     }

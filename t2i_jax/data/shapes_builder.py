@@ -18,21 +18,39 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from t2i_jax import presets
 from t2i_jax.data import shapes
 
 _DESCRIPTION = """\
-Procedural 32x32 scenes of one or two shapes (circle, square, triangle) in six colours, two
-sizes, on a 3x3 grid, or two shapes related by "left of" / "above". Each scene has a caption
-drawn from several templates and integer attribute labels. The (shape, colour) pairs in
+Procedural scenes (32x32; larger in the `_NNpx` configs) of one or two shapes (circle,
+square, triangle) in six colours, two sizes, on a 3x3 grid, or two shapes related by
+"left of" / "above". Each scene has a caption drawn from several templates and integer
+attribute labels. The (shape, colour) pairs in
 `t2i_jax.data.shapes.HELD_OUT` occur only in the `compositional` split.
 """
 
 
+# Split sizes of the two configs: 20k train and 1k of each other split; tiny ones for tests.
+SPLIT_COUNTS: dict[str, dict] = {
+    "default": {"description": "20k train; 1k validation/test/compositional."},
+    "small": {
+        "description": "Tiny sizes for tests.",
+        "train": 512,
+        "validation": 64,
+        "test": 64,
+        "compositional": 64,
+    },
+}
+IMAGE_SIZES = (32, 64, 128, 256)  # 32: the plain names; others: NAME_{size}px
+
+
 @dataclasses.dataclass
 class T2iShapesConfig(tfds.core.BuilderConfig):
-    """A config: the generation seed and the number of examples per split."""
+    """A config: the generation seed, the number of examples per split and the image size
+    (the same scenes and captions at every size)."""
 
     seed: int = 0
+    image_size: int = shapes.IMAGE_SIZE
     train: int = 20_000
     validation: int = 1_000
     test: int = 1_000
@@ -49,15 +67,9 @@ class T2iShapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
-        T2iShapesConfig(name="default", description="20k train; 1k validation/test/compositional."),
-        T2iShapesConfig(
-            name="small",
-            description="Tiny sizes for tests.",
-            train=512,
-            validation=64,
-            test=64,
-            compositional=64,
-        ),
+        T2iShapesConfig(name=presets.shapes_variant(base, size), image_size=size, **counts)
+        for base, counts in SPLIT_COUNTS.items()
+        for size in IMAGE_SIZES
     ]
     DEFAULT_CONFIG_NAME = "default"
 
@@ -69,7 +81,7 @@ class T2iShapes(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        size = shapes.IMAGE_SIZE
+        size = self.builder_config.image_size
         # Tensor rather than Image: Image encoding needs TensorFlow; 3 KB per image is fine.
         features = tfds.features.FeaturesDict(
             {
@@ -104,9 +116,9 @@ class T2iShapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split: str, num_examples: int):
-        seed = self.builder_config.seed
+        seed, size = self.builder_config.seed, self.builder_config.image_size
         for index in range(num_examples):
-            yield index, shapes.make_example(seed, split, index)
+            yield index, shapes.make_example(seed, split, index, size)
 
 
 def load_builder(data_dir: str | os.PathLike, config: str = "default") -> T2iShapes:

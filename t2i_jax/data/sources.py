@@ -58,6 +58,19 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     return load_builder(name, data_dir, variant)
 
 
+def prepare_for_run(data) -> tfds.core.DatasetBuilder:
+    """`prepare` for a run's `data` config section, whose `image_size` must be the data
+    set's: a mismatch is one line here rather than a shape error inside the compiled step."""
+    builder = prepare(data.name, data.dir, data.variant)
+    shape = tuple(builder.info.features["image"].shape)
+    if shape[:2] != (data.image_size, data.image_size):
+        raise DataError(
+            f"data set {data.name} ({data.variant}) has {shape[0]}x{shape[1]} images, the "
+            f"config has data.image_size={data.image_size}"
+        )
+    return builder
+
+
 def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """Every caption of `split`, in record order."""
     source = builder.as_data_source(split)

@@ -124,7 +124,7 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
     step = run.step
     data = config.data
     evaluators = load_evaluators(data.name, data.dir, data.variant, train_if_missing=True)
-    builder = sources.prepare(data.name, data.dir, data.variant)
+    builder = sources.prepare_for_run(data)
     sampler = make_sampler(method)  # The run's config gives the sample options.
     eval_key = rng.stream_key(seed, "eval")
     out_dir = os.path.join(workdir, "eval")

@@ -41,7 +41,7 @@ def reconstruct_split(
     if not method.offers("reconstruct"):
         raise UserError(f"a {config.method} run has no encoder: nothing to reconstruct")
     data = config.data
-    builder = sources.prepare(data.name, data.dir, data.variant)
+    builder = sources.prepare_for_run(data)
     if split not in builder.info.splits:
         raise UserError(f"unknown split '{split}'; choose from {sorted(builder.info.splits)}")
     examples = load_examples(builder, split, num)

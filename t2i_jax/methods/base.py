@@ -78,6 +78,11 @@ class TrainState:
         )
 
 
+def shapes_of(tree: PyTree) -> PyTree:
+    """jax.ShapeDtypeStruct of every array leaf."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 def ema_update(ema: PyTree, params: PyTree, step: jax.Array, decay: float) -> PyTree:
     """EMA with the usual warm-up, (1 + step) / (10 + step), so short runs track too."""
     rate = jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))
@@ -191,7 +196,13 @@ class SampleOption:
 
 
 # Hooks with a default that a family may replace; misspellings of these are refused.
-OPTIONAL_HOOKS = ("check_config", "load_frozen", "reconstruct", "validation_stats")
+OPTIONAL_HOOKS = (
+    "check_config",
+    "load_frozen",
+    "frozen_shapes",
+    "reconstruct",
+    "validation_stats",
+)
 REQUIRED_HOOKS = ("init", "train_step", "sample")
 DECLARATIONS = ("curves", "sample_options", "validation_metrics")
 
@@ -264,6 +275,12 @@ class Method:
         starts; the run stores them and later reads its own copy (`runs/frozen_store.py`).
         The default: a frozen text encoder's."""
         return self.conditioner.load_frozen()
+
+    def frozen_shapes(self) -> Frozen:
+        """`load_frozen()`'s shapes and dtypes (jax.ShapeDtypeStruct), for compiling a train
+        step without weights (train/preflight.py). The default loads them; a family whose
+        frozen weights come from another run derives them from that run's config instead."""
+        return shapes_of(self.load_frozen())
 
     # -- the three required hooks ------------------------------------------------------------
     def init(self, rng: jax.Array, batch: dict, frozen: Frozen | None = None) -> TrainState:
@@ -351,8 +368,8 @@ def check_contract(cls: type) -> None:
                 f"{cls.__name__}.{name} looks like the hook '{close[0]}' misspelt; rename it "
                 "(or give a helper a name unlike any hook's)"
             )
-    # The hooks the trainer calls with positional arguments (check_config and load_frozen
-    # take none beyond the class or instance).
+    # The hooks the trainer calls with positional arguments (check_config, load_frozen and
+    # frozen_shapes take none beyond the class or instance).
     for name in (*REQUIRED_HOOKS, "reconstruct", "validation_stats"):
         mine = getattr(cls, name)
         if mine is getattr(Method, name):

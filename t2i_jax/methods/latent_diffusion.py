@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +26,7 @@ import ml_collections
 from t2i_jax import config as config_lib
 from t2i_jax.checkpoint import read_latest_arrays
 from t2i_jax.errors import ConfigError, UserError
-from t2i_jax.methods.base import Frozen, train_setting
+from t2i_jax.methods.base import Frozen, shapes_of, train_setting
 from t2i_jax.methods.diffusion import Diffusion
 from t2i_jax.methods.microbatches import WHOLE, Rows
 from t2i_jax.methods.vae import VAE
@@ -34,9 +35,8 @@ from t2i_jax.text.setup import TextSetup
 AUTOENCODER = "autoencoder"  # its name in the frozen weights
 
 
-def check_autoencoder(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Before a run creates anything: the autoencoder run exists, has a checkpoint, and is a
-    text-free VAE of this run's image size. Returns the VAE run's config."""
+def autoencoder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The VAE run's config, checked to be a text-free VAE of this run's image size."""
     workdir = config.ldm.autoencoder
     if not workdir:
         raise ConfigError("ldm.autoencoder must name the workdir of a trained VAE run")
@@ -46,9 +46,6 @@ def check_autoencoder(config: ml_collections.ConfigDict) -> ml_collections.Confi
             f"ldm.autoencoder: no VAE run at {workdir} (no config.json); train one first "
             "(see experiments/ldm_shapes.py)"
         )
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
-        raise ConfigError(f"ldm.autoencoder: no checkpoint in {checkpoints}")
     with open(path) as f:
         vae = config_lib.from_json(f.read())
     if vae.method != "vae":
@@ -71,6 +68,15 @@ def check_autoencoder(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return vae
 
 
+def check_autoencoder(config: ml_collections.ConfigDict) -> None:
+    """Before a run creates anything: the autoencoder run fits (`autoencoder_config`) and
+    has a checkpoint to take its weights from."""
+    autoencoder_config(config)
+    checkpoints = os.path.join(config.ldm.autoencoder, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        raise ConfigError(f"ldm.autoencoder: no checkpoint in {checkpoints}")
+
+
 class LatentDiffusion(Diffusion):
     """Diffusion on a frozen VAE's latents."""
 
@@ -80,7 +86,9 @@ class LatentDiffusion(Diffusion):
         check_autoencoder(config)
 
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
-        vae_config = check_autoencoder(config)
+        # Only the VAE run's config: a run that has stored its frozen VAE, and a compile
+        # check (train/preflight.py), need none of its checkpoints.
+        vae_config = autoencoder_config(config)
         # The frozen VAE computes as this run does (it is never differentiated: no remat).
         vae_config.train.compute_dtype = train_setting(config, "compute_dtype")
         vae_config.train.remat = "none"
@@ -105,6 +113,17 @@ class LatentDiffusion(Diffusion):
         model = state["ema_params"]["model"]
         autoencoder = {"encoder": model["encoder"], "decoder": model["decoder"]}
         return {**super().load_frozen(), AUTOENCODER: autoencoder}
+
+    def frozen_shapes(self) -> Frozen:
+        """The autoencoder's shapes from the VAE's own init: no checkpoint is read."""
+        size = self.config.data.image_size
+        batch = {"image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)}
+        batch["tokens"] = jax.ShapeDtypeStruct((1, self.text_setup.max_len), jnp.int32)
+        batch["mask"] = jax.ShapeDtypeStruct((1, self.text_setup.max_len), jnp.bool_)
+        state = jax.eval_shape(self.vae.init, jax.random.key(0), batch)
+        model = nn.unbox(state.ema_params)["model"]
+        autoencoder = {"encoder": model["encoder"], "decoder": model["decoder"]}
+        return {**shapes_of(self.conditioner.load_frozen()), AUTOENCODER: autoencoder}
 
     def latents(self, autoencoder, image: jax.Array) -> jax.Array:
         """latent_scale * posterior mean of the frozen VAE, [B, h, w, c]."""

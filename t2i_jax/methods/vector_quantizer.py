@@ -22,8 +22,11 @@ loss ||z - stop_gradient(e)||^2.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from t2i_jax import partitioning as part
 
 
 def init_state(rng: jax.Array, num_codes: int, dim: int) -> dict[str, jax.Array]:
@@ -33,6 +36,15 @@ def init_state(rng: jax.Array, num_codes: int, dim: int) -> dict[str, jax.Array]
         "codebook": codebook,
         "cluster_size": jnp.ones((num_codes,), jnp.float32),
         "embed_sum": codebook,
+    }
+
+
+def logical_axes(state: dict[str, jax.Array]) -> dict[str, nn.Partitioned]:
+    """The codebook state boxed with its logical axes (codes as a table's rows), so a
+    large codebook shards over `fsdp` like the networks' tables (sharding.py)."""
+    return {
+        name: nn.Partitioned(value, names=part.EMBED_AXES[: value.ndim])
+        for name, value in state.items()
     }
 
 

@@ -179,7 +179,7 @@ class VQVAE(Method):
         model.update(
             encoder=encoder,
             decoder=self.decoder.init(k_dec, z_e)["params"],
-            codebook=vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim),
+            codebook=vq.logical_axes(vq.init_state(k_code, self.vc.num_codes, self.vc.code_dim)),
             prior=self.prior.init(k_prior, codes, feats.seq, feats.mask)["params"],
         )
         return self.new_state({"model": model}, {"model": self.optimizer})

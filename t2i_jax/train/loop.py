@@ -144,13 +144,25 @@ class TrainFunctions:
         return self.step_fn(state, batch, key, self.frozen)
 
 
+def _place_frozen(frozen: Frozen, replicated) -> Frozen:
+    """Frozen weights replicated on the mesh; abstract ones (`Method.frozen_shapes`, for a
+    compile without weights) only get the sharding."""
+
+    def place(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, frozen)
+
+
 def compile_functions(
     method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen | None = None
 ) -> TrainFunctions:
     """eval_shape the state, then jit init with out_shardings and the step with donation
     of the state (never of the frozen weights, which every step reads)."""
     replicated = sharding.replicated(mesh)
-    frozen = jax.device_put(frozen or {}, replicated)
+    frozen = _place_frozen(frozen or {}, replicated)
     target = abstract_state(method, config, mesh, frozen)
     state_sharding = jax.tree.map(lambda s: s.sharding, target)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -209,7 +221,7 @@ def train_and_evaluate(
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
     os.makedirs(workdir, exist_ok=True)
-    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    builder = sources.prepare_for_run(config.data)
     text = build_text(config, TextContext(workdir, builder, config.seed))
     method = registry.build_method(config, text)
     # Before config.json: a refused resume (other BERT weights, no VAE run) changes no file.

@@ -292,3 +292,47 @@ def test_shapes_fit_in_every_cell_unclipped():
                 image = shapes.render([(shape, 0, size, position)])
                 area = image.max(axis=-1).astype(np.float64).sum() / 255
                 assert area == pytest.approx(expected, rel=0.03), (name, size, position)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_larger_renders_are_the_same_scene_scaled(size):
+    """At `size` px the scene, caption and attributes are the 32 px ones; each object's
+    area scales by (size / 32)^2 and its centroid by size / 32 (within anti-aliasing)."""
+    scale = size / shapes.IMAGE_SIZE
+    small = shapes.make_example(0, "train", 3)
+    large = shapes.make_example(0, "train", 3, image_size=size)
+    assert large["image"].shape == (size, size, 3) and large["image"].dtype == np.uint8
+    assert large["caption"] == small["caption"]
+    assert large["attributes"] == small["attributes"]
+    for shape in range(len(shapes.SHAPES)):
+        for size_index in range(len(shapes.SIZES)):
+            a = shapes._coverage(shape, size_index, 4)
+            b = shapes._coverage(shape, size_index, 4, size)
+            np.testing.assert_allclose(b.sum() / scale**2, a.sum(), rtol=0.01)
+            ca = np.array(ndimage.center_of_mass(a)) + 0.5  # pixel centres
+            cb = np.array(ndimage.center_of_mass(b)) + 0.5
+            np.testing.assert_allclose(cb / scale, ca, atol=0.05)
+
+
+def test_image_size_must_be_a_multiple_of_8():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        shapes.make_example(0, "train", 0, image_size=50)
+
+
+def test_sized_configs_are_named_as_the_presets_name_them(tmp_path):
+    from t2i_jax import presets
+    from t2i_jax.data import sources
+    from t2i_jax.errors import DataError
+
+    names = {c.name: c.image_size for c in T2iShapes.BUILDER_CONFIGS}
+    for base in ("default", "small"):
+        for size in (32, 64, 128, 256):
+            assert names[presets.shapes_variant(base, size)] == size
+    data = presets.shapes_data("test", image_size=64)
+    assert data.variant == "small_64px"
+    data.dir = str(tmp_path)
+    builder = sources.prepare_for_run(data)
+    assert builder.as_data_source("validation")[0]["image"].shape == (64, 64, 3)
+    data.image_size = 32
+    with pytest.raises(DataError, match=r"has 64x64 images, the config has data.image_size=32"):
+        sources.prepare_for_run(data)

@@ -4,6 +4,7 @@ computed here by calling the VAE run's own encoder and decoder."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +90,19 @@ def test_latents_are_the_scaled_posterior_mean_and_decoding_undoes_the_scale(vae
     small, large = SCALES
     np.testing.assert_allclose(latents[large], 2 * latents[small], rtol=1e-6)
     np.testing.assert_allclose(images[large], images[small], atol=1e-6)
+
+
+def test_frozen_shapes_are_the_loaded_weights_shapes_without_reading_them(vae_run, ldms, tmp_path):
+    """`frozen_shapes` (what a compile without weights uses) comes from the VAE's config
+    alone, and equals the shapes and dtypes of the weights `load_frozen` reads."""
+    method = ldms[SCALES[0]][2]
+    spec = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)
+    assert spec(method.frozen_shapes()) == spec(method.load_frozen())
+    # The VAE run's config alone is enough to build the method and get them.
+    config_only = tmp_path / "vae_config_only"
+    config_only.mkdir()
+    shutil.copy(os.path.join(vae_run, "config.json"), config_only / "config.json")
+    config = ldms[SCALES[0]][0].copy_and_resolve_references()
+    config.ldm.autoencoder = str(config_only)
+    rebuilt = registry.build_method(config, method.text_setup)
+    assert spec(rebuilt.frozen_shapes()) == spec(method.load_frozen())
