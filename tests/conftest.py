@@ -89,6 +89,7 @@ LONGEST_FILES = (
     "train/test_resume.py",
     "test_cli_vae.py",
     "train/test_scaling_options.py",
+    "train/test_full_configs.py",
     "test_family_contract.py",
     "methods/test_gan_training.py",
     "methods/test_diffusion.py",
