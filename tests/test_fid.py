@@ -16,11 +16,11 @@ import pytest
 import skimage.data
 import torch
 import torchvision
-from helpers import run_cli
 from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pfi
 
+from t2i_jax import cli
 from t2i_jax.errors import CheckpointError, MetricError
 from t2i_jax.metrics import fid, frechet
 from t2i_jax.nets import inception as inception_net
@@ -249,13 +249,14 @@ def test_fid_of_npz_statistics_matches_pytorch_fid_command(reference, tmp_path, 
     assert (d["path_a"], d["path_b"]) == tuple(paths)
 
 
-def test_fid_command_on_two_folders_gives_pytorch_fids_number(reference, folders, tmp_path):
-    """`t2i metrics fid A B --inception-weights W` against pytorch-fid with the same weights."""
+def test_fid_command_on_two_folders_gives_pytorch_fids_number(reference, folders, tmp_path, capsys):
+    """`t2i metrics fid A B --inception-weights W` against pytorch-fid with the same weights.
+    In this process (`cli.main`), so the Inception network compiled for the tests above is
+    reused; test_cli_metrics.py runs the metrics commands as processes."""
     out = tmp_path / "fid.json"
-    args = ("metrics", "fid", folders["a"], folders["b"], "--inception-weights", reference[2])
-    result = run_cli(*args, "--batch-size", str(BATCH), "--json", str(out))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("FID: ")
+    args = ["metrics", "fid", folders["a"], folders["b"], "--inception-weights", reference[2]]
+    assert cli.main([*args, "--batch-size", str(BATCH), "--json", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("FID: ")
     reported = json.loads(out.read_text())
     mp = pytest.MonkeyPatch()
     mp.setattr(pfi, "fid_inception_v3", lambda: reference[0])  # no download
