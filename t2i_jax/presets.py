@@ -51,6 +51,17 @@ def shapes_data(variant: str, image_size: int = 32) -> ml_collections.ConfigDict
     return d
 
 
+def digits_data() -> ml_collections.ConfigDict:
+    """The built-in `digits` set: 1,439 real handwritten training digits at 32x32."""
+    d = ml_collections.ConfigDict()
+    d.name = "digits"
+    d.variant = "default"
+    d.dir = "data"
+    d.image_size = 32
+    d.workers = 0
+    return d
+
+
 def text(variant: str) -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     # transformer | causal | bow | tfidf | embedding | bert (t2i_jax/text/encoders.py)

@@ -17,9 +17,16 @@ def _t2i_shapes():
     return T2iShapes
 
 
+def _digits():
+    from t2i_jax.data.digits_builder import Digits
+
+    return Digits
+
+
 # Loaders import on use, so `t2i --help` does not import every builder.
 DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _t2i_shapes,
+    "digits": _digits,
 }
 
 

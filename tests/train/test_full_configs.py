@@ -23,6 +23,7 @@ from t2i_jax.train import preflight
 
 # experiment file -> the image size its full variant promises
 FULL = {
+    "diffusion_digits.py": 32,  # the data's own size (8x8 scans)
     "diffusion_shapes.py": 64,
     "gan_shapes.py": 64,
     "ldm_shapes.py": 256,
