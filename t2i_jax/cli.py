@@ -9,6 +9,10 @@
   t2i reconstruct --workdir runs/vae --split validation --num 16 --out recon.png \
       [--lpips-backbone alexnet-owt-7be5be79.pth]
   t2i metrics fid DIR_A DIR_B [--inception-weights FILE] [--batch-size 50]
+  t2i metrics kid DIR_REAL DIR_FAKE [--inception-weights FILE] [--subsets 100] \
+      [--subset-size 1000] [--seed 0]
+  t2i metrics is DIR [--inception-weights FILE] [--splits 10] [--seed 0]
+  t2i metrics pr DIR_REAL DIR_FAKE [--inception-weights FILE] [--k 3]
   t2i metrics psnr|ssim|ms_ssim A B [--data-range 255]
   t2i metrics lpips A B --backbone-weights FILE [--net alex|vgg|squeeze]
   t2i data prepare t2i_shapes [--data-dir data] [--variant default] [--vocab-size 128]
@@ -151,18 +155,52 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seed", type=int, default=0, help="eval seed")
     ablate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-    metrics = sub.add_parser("metrics", help="compare two image folders (or two images)")
+    metrics = sub.add_parser(
+        "metrics", help="compare two image folders (or two images); IS scores one folder"
+    )
     metrics_sub = metrics.add_subparsers(dest="metric", required=True)
+
+    def inception_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--inception-weights",
+            help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a .safetensors "
+            "conversion (default: torch's hub cache)",
+        )
+        command.add_argument("--batch-size", type=int, default=50)
+
     fid = metrics_sub.add_parser("fid", help="FID as pytorch-fid (folders or .npz statistics)")
     fid.add_argument("path_a")
     fid.add_argument("path_b")
-    fid.add_argument(
-        "--inception-weights",
-        help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a .safetensors conversion "
-        "(default: torch's hub cache)",
-    )
-    fid.add_argument("--batch-size", type=int, default=50)
+    inception_options(fid)
     fid.add_argument("--json", help="also write the result, with sample counts and hashes")
+    kid = metrics_sub.add_parser(
+        "kid", help="KID as torchmetrics, on the FID Inception's pool3 features"
+    )
+    kid.add_argument("path_a", help="the real images (drawn first in each subset)")
+    kid.add_argument("path_b", help="the generated images")
+    inception_options(kid)
+    kid.add_argument("--subsets", type=int, default=100)
+    kid.add_argument(
+        "--subset-size", type=int, default=1000, help="capped at the smaller folder's count"
+    )
+    kid.add_argument("--seed", type=int, default=0, help="of the subsets' draws")
+    kid.add_argument("--json", help="also write the result, with counts and options")
+    inception_score = metrics_sub.add_parser(
+        "is", help="Inception Score as torchmetrics, on the FID Inception's logits"
+    )
+    inception_score.add_argument("path")
+    inception_options(inception_score)
+    inception_score.add_argument("--splits", type=int, default=10)
+    inception_score.add_argument("--seed", type=int, default=0, help="of the shuffle")
+    inception_score.add_argument("--json", help="also write the result, with counts and options")
+    pr = metrics_sub.add_parser(
+        "pr", help="improved precision and recall, on the FID Inception's pool3 features"
+    )
+    pr.add_argument("path_real")
+    pr.add_argument("path_fake")
+    inception_options(pr)
+    pr.add_argument("--k", type=int, default=3, help="nearest neighbour that sets each radius")
+    pr.add_argument("--json", help="also write the result, with counts and options")
     for name in ("psnr", "ssim", "ms_ssim"):
         pixel = metrics_sub.add_parser(name, help=f"{name.upper()}, per image pair then mean")
         pixel.add_argument("path_a")
@@ -187,6 +225,25 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data-dir", default="data")
     prepare.add_argument("--variant", default="default")
     prepare.add_argument("--vocab-size", type=int, default=128)
+    imp = data_sub.add_parser(
+        "import",
+        help="import captioned images (a folder, webdataset shards or COCO) as a data set",
+    )
+    imp.add_argument("src", help="folder | .tar shard, folder of shards or glob | COCO json")
+    imp.add_argument("--name", required=True, help="the data set's name: --config.data.name")
+    imp.add_argument("--format", required=True, choices=("folder", "webdataset", "coco"))
+    imp.add_argument("--data-dir", default="data", help="written to DATA_DIR/NAME")
+    imp.add_argument("--image-size", type=int, default=64)
+    imp.add_argument("--crop", choices=("center", "random"), default="center")
+    imp.add_argument("--min-size", type=int, default=16, help="skip smaller images (px)")
+    imp.add_argument("--validation-fraction", type=float, default=0.05)
+    imp.add_argument("--caption-column", help="folder metadata column (default: text|caption)")
+    imp.add_argument("--image-dir", help="coco: the image folder (default: beside the json)")
+    imp.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    imp.add_argument("--seed", type=int, default=0, help="validation split and random crops")
+    imp.add_argument("--vocab-size", type=int, default=128, help="tokenizer trained after")
+    imp.add_argument("--overwrite", action="store_true", help="replace DATA_DIR/NAME")
+    imp.add_argument("--no-progress", action="store_true")
     evaluators = data_sub.add_parser(
         "evaluators",
         help="train the attribute probe and contrastive encoder that `t2i eval` scores with",
@@ -336,8 +393,125 @@ def _write_json(path: str | None, result: dict) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _at_least(option: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{option} must be at least {minimum}, got {value}")
+
+
+def _inception_metric(args) -> dict:
+    """`t2i metrics kid | is | pr`: the FID Inception's outputs of each folder, then the metric."""
+    from t2i_jax.errors import MetricError
+    from t2i_jax.metrics import fid, image_io
+
+    _at_least("--batch-size", args.batch_size, 1)
+    if args.metric == "kid":
+        _at_least("--subsets", args.subsets, 1)
+        _at_least("--subset-size", args.subset_size, 2)
+        paths, least = (args.path_a, args.path_b), 2
+        needs = "KID needs at least 2 images on each side"
+    elif args.metric == "is":
+        _at_least("--splits", args.splits, 1)
+        paths, least = (args.path,), args.splits
+        needs = f"IS with --splits {args.splits} needs at least {least} images"
+    else:
+        _at_least("--k", args.k, 1)
+        paths, least = (args.path_real, args.path_fake), args.k + 1
+        needs = f"precision/recall with --k {args.k} needs at least {least} images on each side"
+    # Counts first, so that a folder too small fails before any image goes through Inception.
+    for path in paths:
+        count = len(image_io.list_images(path))
+        if count < least:
+            raise MetricError(f"{needs}; {path} has {count}")
+    inception = fid.load_fid_inception(args.inception_weights)
+    outputs = [
+        fid.inception_outputs_of_path(path, inception, batch_size=args.batch_size) for path in paths
+    ]
+    if args.metric == "kid":
+        from t2i_jax.metrics.kid import kernel_inception_distance
+
+        (real, _), (fake, _) = outputs
+        mean, std = kernel_inception_distance(
+            real, fake, seed=args.seed, subsets=args.subsets, subset_size=args.subset_size
+        )
+        size = min(args.subset_size, len(real), len(fake))
+        capped = (
+            f", --subset-size {args.subset_size} capped at the smaller folder's count"
+            if size < args.subset_size
+            else ""
+        )
+        print(
+            f"KID: {mean:.6g} (std {std:.3g})  ({len(real)} vs {len(fake)} images; "
+            f"{args.subsets} subsets of {size}{capped}; seed {args.seed})"
+        )
+        return {
+            "metric": "kid",
+            "value": mean,
+            "std": std,
+            "count_a": len(real),
+            "count_b": len(fake),
+            "subsets": args.subsets,
+            "subset_size": size,
+            "subset_size_requested": args.subset_size,
+            "seed": args.seed,
+            "weights": inception.weights,
+            "path_a": args.path_a,
+            "path_b": args.path_b,
+        }
+    if args.metric == "is":
+        import warnings
+
+        from t2i_jax.metrics.inception_score import inception_score
+
+        ((_, logits),) = outputs
+        count = len(logits)
+        chunks = math.ceil(count / math.ceil(count / args.splits))  # as torch.chunk cuts
+        if chunks == 1:  # --splits 1: no spread to measure (numpy warns and gives nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = inception_score(logits, seed=args.seed, splits=1)[0], None
+        else:
+            mean, std = inception_score(logits, seed=args.seed, splits=args.splits)
+        made = f" ({chunks} made, as torch.chunk cuts {count})" if chunks != args.splits else ""
+        print(
+            f"IS: {mean:.6f} ({'one split, no std' if std is None else f'std {std:.3g}'})  "
+            f"({count} images; {args.splits} splits{made}; seed {args.seed})"
+        )
+        return {
+            "metric": "is",
+            "value": mean,
+            "std": std,
+            "count": count,
+            "splits": args.splits,
+            "splits_made": chunks,
+            "seed": args.seed,
+            "weights": inception.weights,
+            "path": args.path,
+        }
+    from t2i_jax.metrics.precision_recall import precision_recall
+
+    (real, _), (fake, _) = outputs
+    precision, recall = precision_recall(real, fake, k=args.k)
+    print(
+        f"precision: {precision:.6f}  recall: {recall:.6f}  "
+        f"({len(real)} real vs {len(fake)} generated images; k {args.k})"
+    )
+    return {
+        "metric": "pr",
+        "precision": precision,
+        "recall": recall,
+        "count_real": len(real),
+        "count_fake": len(fake),
+        "k": args.k,
+        "weights": inception.weights,
+        "path_real": args.path_real,
+        "path_fake": args.path_fake,
+    }
+
+
 def _metrics(args) -> int:
-    if args.metric == "fid":
+    if args.metric in ("kid", "is", "pr"):
+        result = _inception_metric(args)
+    elif args.metric == "fid":
         from t2i_jax.metrics.fid import fid_of_paths
 
         result = fid_of_paths(
@@ -409,6 +583,31 @@ def _data(args) -> int:
     from t2i_jax.data import sources
     from t2i_jax.text.tokenizer import prepare_tokenizer
 
+    if args.data_command == "import":
+        from t2i_jax.data.importer import ImportOptions, import_data_set
+
+        import_data_set(
+            args.src,
+            name=args.name,
+            fmt=args.format,
+            data_dir=args.data_dir,
+            options=ImportOptions(
+                image_size=args.image_size,
+                crop=args.crop,
+                min_size=args.min_size,
+                validation_fraction=args.validation_fraction,
+                seed=args.seed,
+            ),
+            caption_column=args.caption_column,
+            image_dir=args.image_dir,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        builder = sources.load_builder(args.name, args.data_dir, "default")
+        tokenizer = prepare_tokenizer(builder, args.vocab_size)
+        print(f"tokenizer: vocab {tokenizer.vocab_size}, trained on the training captions")
+        return 0
     if args.data_command == "evaluators":
         from t2i_jax.eval.evaluators import train_evaluators
 

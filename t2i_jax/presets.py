@@ -48,6 +48,7 @@ def shapes_data(variant: str, image_size: int = 32) -> ml_collections.ConfigDict
     # worker batches its own records (record i goes to worker i % N), so batches differ
     # from those of workers=0 (tests/train/test_input_pipeline.py, xfail).
     d.workers = 0
+    d.random_flip = False  # True mirrors half the images: wrong for "on the left" captions
     return d
 
 
@@ -59,6 +60,21 @@ def digits_data() -> ml_collections.ConfigDict:
     d.dir = "data"
     d.image_size = 32
     d.workers = 0
+    d.random_flip = False  # mirrored digits are not digits
+    return d
+
+
+def imported_data(name: str, image_size: int) -> ml_collections.ConfigDict:
+    """A data set made by `t2i data import SRC --name NAME --image-size N` under `data`."""
+    d = ml_collections.ConfigDict()
+    d.name = name
+    d.variant = "default"
+    d.dir = "data"
+    d.image_size = image_size
+    d.workers = 0
+    # Mirror half the training images per step; off by default because it makes every
+    # caption that names left or right wrong for the mirrored half.
+    d.random_flip = False
     return d
 
 

@@ -5,10 +5,12 @@ A new data set is one builder module and one line here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from t2i_jax.config import choose
+from t2i_jax.errors import ConfigError
 
 
 def _t2i_shapes():
@@ -28,6 +30,27 @@ DATASETS: dict[str, Callable[[], Any]] = {
     "t2i_shapes": _t2i_shapes,
     "digits": _digits,
 }
+
+
+def imported_path(name: str, data_dir: str) -> str:
+    """Where `t2i data import --name NAME --data-dir DIR` puts a data set."""
+    return os.path.join(os.path.expanduser(data_dir), name)
+
+
+def is_imported(name: str, data_dir: str) -> bool:
+    return name not in DATASETS and os.path.isfile(
+        os.path.join(imported_path(name, data_dir), "dataset_info.json")
+    )
+
+
+def check_name(name: str, data_dir: str) -> None:
+    """A built-in data set, or one imported under `data_dir`; else one clear line."""
+    if name not in DATASETS and not is_imported(name, data_dir):
+        raise ConfigError(
+            f"unknown data.name {name!r}: not built in ({', '.join(DATASETS)}) and not "
+            f"imported at {imported_path(name, data_dir)} (t2i data import SRC --name {name} "
+            f"--data-dir {data_dir})"
+        )
 
 
 def builder_class(name: str) -> Any:

@@ -41,9 +41,9 @@ def load_examples(builder, split: str, num: int | None = None) -> Examples:
         captions=[
             sources.decode_caption(r["caption"], f"{where}[{i}]") for i, r in enumerate(records)
         ],
-        attributes={
+        attributes={  # none for data sets without attribute labels (imported ones)
             k: np.asarray([r["attributes"][k] for r in records], np.int32)
-            for k in records[0]["attributes"]
+            for k in records[0].get("attributes", {})
         },
     )
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from t2i_jax.data.datasets import builder_class
+from t2i_jax.data.datasets import DATASETS, builder_class, check_name, imported_path
 from t2i_jax.errors import DataError
 
 
@@ -32,6 +32,16 @@ def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
 
 
 def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
+    """The built-in data set `name`, or the one imported under `data_dir/name`."""
+    if name not in DATASETS:
+        check_name(name, data_dir)
+        path = imported_path(name, data_dir)
+        if variant != "default":
+            raise DataError(f"imported data set {name} has no variant {variant!r} (only default)")
+        try:
+            return tfds.builder_from_directory(path)
+        except Exception as e:  # noqa: BLE001 - TFDS raises many kinds on bad metadata
+            raise DataError(f"cannot open imported data set {path}: {e}") from None
     builder_cls = builder_class(name)
     try:
         return builder_cls(
@@ -71,12 +81,30 @@ def prepare_for_run(data) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def has_several_captions(builder: tfds.core.DatasetBuilder) -> bool:
+    """Records carry every caption of their image ("captions"); runs draw one per step."""
+    return "captions" in builder.info.features
+
+
 def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
-    """Every caption of `split`, in record order."""
+    """Every caption of `split`, in record order (all of an image's, where it has several)."""
+    source = builder.as_data_source(split)
+    key = "captions" if has_several_captions(builder) else "caption"
+    out = []
+    for i in range(len(source)):
+        raw = source[i][key]
+        for caption in raw if key == "captions" else [raw]:
+            out.append(decode_caption(caption, f"{builder.name} {split}[{i}]"))
+    return out
+
+
+def first_captions(builder: tfds.core.DatasetBuilder, num: int) -> list[str]:
+    """The first captions of `validation` (of `train` when it has none): default prompts."""
+    split = "validation" if builder.info.splits["validation"].num_examples else "train"
     source = builder.as_data_source(split)
     return [
         decode_caption(source[i]["caption"], f"{builder.name} {split}[{i}]")
-        for i in range(len(source))
+        for i in range(min(num, len(source)))
     ]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import ml_collections
 
 from t2i_jax.config import choose
-from t2i_jax.data.datasets import DATASETS
+from t2i_jax.data.datasets import check_name as check_data_name
 from t2i_jax.methods.base import Method, check_method_config
 from t2i_jax.text.encoders import TEXT_ENCODERS
 from t2i_jax.text.setup import TextSetup
@@ -68,7 +68,7 @@ def method_class(name: str) -> type[Method]:
 def check_names(config: ml_collections.ConfigDict) -> None:
     """Fails on an unknown registry name or a bad family section before a run creates
     anything on disk."""
-    choose(DATASETS, config.data.name, "data.name")
+    check_data_name(config.data.name, config.data.dir)
     choose(TEXT_ENCODERS, config.text.encoder, "text.encoder")
     check_method_config(method_class(config.method), config)
 

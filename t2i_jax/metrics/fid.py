@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -194,16 +195,38 @@ def stats_of_path(
             return frechet.GaussianStats.load(path)
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"{path}: not a statistics file with mu and sigma ({e})") from e
+    metric = frechet.gaussian_stats(FEATURE_DIM)
+    state = metric.init()
+    for pool3, _ in _inception_batches(path, inception, batch_size):
+        state = metric.update(state, pool3)
+    return metric.compute(state)
+
+
+def _inception_batches(
+    path: str, inception: FidInception | str | None, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(pool3, logits) of a folder's images (or one image file), batch by batch in file order."""
     inception = _as_inception(inception)
     paths = image_io.list_images(path)
     batch_size = min(batch_size, len(paths))  # as pytorch-fid
-    metric = frechet.gaussian_stats(FEATURE_DIM)
-    state = metric.init()
     for batch in image_io.image_batches(paths, batch_size):
         # The last batch repeats its last image: one input shape, one compilation.
         (batch,), n = pad_to([batch], batch_size, fill="edge")
-        state = metric.update(state, inception(batch)[0][:n])
-    return metric.compute(state)
+        pool3, logits = inception(batch)
+        yield pool3[:n], logits[:n]
+
+
+def inception_outputs_of_path(
+    path: str, inception: FidInception | str | None = None, *, batch_size: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pool3 features float32 [N, 2048] and logits [N, 1008] of a folder's images (or one
+    image file), in file order: the inputs of KID and precision/recall (pool3) and IS (logits).
+
+    The folder is read as `stats_of_path` reads it (sorted, as pytorch-fid); unlike the
+    statistics, every image's features are kept (8 KiB of pool3, 4 KiB of logits each).
+    """
+    pools, logits = zip(*_inception_batches(path, inception, batch_size), strict=True)
+    return np.concatenate(pools), np.concatenate(logits)
 
 
 def fid_of_paths(

@@ -36,6 +36,27 @@ class WithIndex:
         return {**self.source[index], "index": index}
 
 
+class DrawCaption(grain.RandomMapTransform):
+    """One of the record's captions ("captions": COCO's five per image), drawn per step.
+
+    grain seeds each record's generator from the sampler's seed and the record's position
+    in the epoch order, so the draw is a function of the run's seed and resumes exactly."""
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        captions = record["captions"]
+        return {**record, "caption": captions[int(rng.integers(len(captions)))]}
+
+
+class RandomFlip(grain.RandomMapTransform):
+    """Mirrors the image left-right with probability 1/2 (`data.random_flip`). Captions
+    that name left and right are then wrong for the flipped half."""
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        if rng.random() < 0.5:
+            return {**record, "image": np.asarray(record["image"])[:, ::-1]}
+        return record
+
+
 @dataclasses.dataclass(frozen=True)
 class ToBatchElement(grain.MapTransform):
     """Decodes one record: image to [-1, 1], caption to fixed-length tokens and mask, and
@@ -87,11 +108,17 @@ def make_loader(
     shard_index: int | None = None,
     shard_count: int | None = None,
     features: FeatureCache | None = None,
+    several_captions: bool = False,
+    random_flip: bool = False,
 ) -> grain.DataLoader:
     """A grain DataLoader over one shard (by default this JAX process's), batched.
 
     `features`: the text feature cache of this source (same records, same order).
+    `several_captions`: records carry "captions", one is drawn per step (no feature cache).
+    `random_flip`: mirror half the images, drawn per step.
     """
+    if several_captions and features is not None:
+        raise ConfigError(f"{name}: cached text features need one caption per record")
     if features is not None:
         if features.num_examples != len(source):
             raise DataError(
@@ -124,6 +151,8 @@ def make_loader(
         data_source=source,
         sampler=sampler,
         operations=[
+            *([DrawCaption()] if several_captions else []),
+            *([RandomFlip()] if random_flip else []),
             ToBatchElement(tokenizer, max_len, name, features),
             grain.Batch(local_batch, drop_remainder=True),
         ],

@@ -101,6 +101,12 @@ def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):
     """The frozen encoder's features of `split`, built once per data set and encoder."""
     if not (text.frozen and config.text.get("cache_features", True)):
         return None
+    if sources.has_several_captions(builder):  # the caption is drawn per step
+        print(
+            f"note: {builder.name} has several captions per image: text features are "
+            "computed in the step, not cached"
+        )
+        return None
     key = text_cache.cache_key(
         text.name,
         repr(text.encoder),
@@ -124,6 +130,9 @@ def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):
         tokenize=lambda captions: text.tokenizer.encode(captions, text.max_len),
         encode=encode_batch,
     )
+
+
+PROMPTS = 8  # grid rows when the config names no prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +255,8 @@ def train_and_evaluate(
         worker_count=config.data.workers,
         name=f"{config.data.name}/train",
         features=_text_feature_cache(config, builder, text),
+        several_captions=sources.has_several_captions(builder),
+        random_flip=config.data.get("random_flip", False),
     )
     data_iter = iter(loader)
 
@@ -265,7 +276,8 @@ def train_and_evaluate(
         else:
             state = fns.init(rng.stream_key(config.seed, "params"))
         noise_stream = rng.stream_key(config.seed, "noise")
-        prompts = list(config.sample.prompts)
+        # No prompts in the config (imported data): the first validation captions.
+        prompts = list(config.sample.prompts) or sources.first_captions(builder, PROMPTS)
         step = int(sharding.to_host(state.step))
         total = config.train.steps
 

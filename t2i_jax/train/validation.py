@@ -47,6 +47,13 @@ def make_validator(
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ConfigError(f"train.eval_batches must be a positive int, got {num_batches!r}")
     source = builder.as_data_source(SPLIT)
+    if len(source) < config.train.batch_size:
+        # An imported set with a small validation fraction: train on without validation.
+        print(
+            f"note: {config.data.name} {SPLIT} has {len(source)} examples, fewer than one "
+            f"batch of {config.train.batch_size}: no validation metrics (train.eval_every)"
+        )
+        return None
     cached = features()
     replicated = sharding.replicated(batch_sharding.mesh)
     stats_fn = jax.jit(method.validation_stats, out_shardings=replicated)
@@ -66,7 +73,7 @@ def make_validator(
             features=cached,
         )
 
-    loader()  # a split too small for one batch fails now, not eval_every steps in
+    loader()  # a bad split fails now, not eval_every steps in
 
     def validate(params) -> dict[str, float]:
         totals: dict[str, np.ndarray] = {}
