@@ -124,12 +124,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.sample_parser = sample
 
     evaluate = sub.add_parser(
-        "eval", help="sample a run's validation and compositional captions and score them"
+        "eval", help="sample a run's validation (and compositional) captions and score them"
     )
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--num", type=int, default=256, help="captions per split")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--inception-weights",
+        help="pytorch-fid's Inception file for FID, KID, IS and precision/recall (default: "
+        "torch's hub cache; without it those are skipped)",
+    )
+    evaluate.add_argument(
+        "--no-inception", action="store_true", help="skip FID, KID, IS, precision/recall"
+    )
 
     reconstruct = sub.add_parser(
         "reconstruct", help="originals next to a VAE-family run's reconstructions, PSNR/SSIM"
@@ -551,7 +559,14 @@ def _eval(args) -> int:
 
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
-    evaluate_run(args.workdir, num=args.num, seed=args.seed, batch_size=args.batch_size)
+    evaluate_run(
+        args.workdir,
+        num=args.num,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        inception_weights=args.inception_weights,
+        use_inception=not args.no_inception,
+    )
     print(f"wrote {os.path.join(args.workdir, 'eval', 'metrics.json')}")
     return 0
 

@@ -70,6 +70,16 @@ def evaluators_trained(data_dir, tmp_path_factory, worker_id) -> str:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> str:
+    """Random Inception weights (`helpers.INCEPTION_SEED`) in pytorch-fid's file format."""
+    from helpers import write_random_inception
+
+    return write_random_inception(
+        str(tmp_path_factory.mktemp("inception") / "fid_random.safetensors")
+    )
+
+
 @pytest.fixture
 def test_config(data_dir):
     """The experiment's `test` variant pointed at the session's data."""

@@ -274,3 +274,27 @@ def sample_checked(args: list[str], out, *, prompts: int, per_prompt: int, image
     for a, b in zip(first.reshape(-1, *first.shape[2:]), second.reshape(-1, *first.shape[2:]),
                     strict=True):  # fmt: skip
         assert not np.array_equal(a, b)  # every image
+
+
+INCEPTION_SEED = 0  # of the random Inception weights the Inception-metric tests use
+
+
+def write_random_inception(path: str, seed: int = INCEPTION_SEED) -> str:
+    """`load_fid_inception(random_seed=seed)`'s variables as a pytorch-fid state dict file
+    (`.safetensors`, pytorch-fid's tensor names): the FID network without downloading it."""
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    from t2i_jax.nets import inception as inception_net
+
+    flat = traverse_util.flatten_dict(inception_net.random_variables(seed))
+    state = {}
+    for (collection, *names), value in flat.items():
+        name, kind = inception_net._torch_name(collection, tuple(names))
+        if kind == "conv":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif kind == "dense":
+            value = value.T
+        state[name] = np.ascontiguousarray(value)
+    save_file(state, path)
+    return path

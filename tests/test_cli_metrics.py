@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import skimage.data
 import skimage.metrics
-from flax import traverse_util
-from helpers import run_cli
+from helpers import INCEPTION_SEED, run_cli
 from PIL import Image
 
 from t2i_jax import cli
 from t2i_jax.metrics import fid, inception_score, kid, precision_recall
-from t2i_jax.nets import inception as inception_net
 
 
 def _photos(size: int = 48) -> np.ndarray:
@@ -117,27 +115,7 @@ def test_bad_inputs_fail_with_one_line(folders, tmp_path):
         assert expected in lines[0], (args, lines[0])
 
 
-INCEPTION_SEED = 0
 INCEPTION_BATCH = 3  # divides neither folder's count: the padded last batch is exercised
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> str:
-    """`load_fid_inception(random_seed=0)`'s variables as a pytorch-fid state dict file."""
-    from safetensors.numpy import save_file
-
-    flat = traverse_util.flatten_dict(inception_net.random_variables(INCEPTION_SEED))
-    state = {}
-    for (collection, *path), value in flat.items():
-        name, kind = inception_net._torch_name(collection, tuple(path))
-        if kind == "conv":
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif kind == "dense":
-            value = value.T
-        state[name] = np.ascontiguousarray(value)
-    path = str(tmp_path_factory.mktemp("inception") / "fid_random.safetensors")
-    save_file(state, path)
-    return path
 
 
 @pytest.fixture(scope="module")

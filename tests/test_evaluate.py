@@ -8,7 +8,8 @@ from helpers import EXPERIMENT
 
 from t2i_jax import config as config_lib
 from t2i_jax.errors import UserError
-from t2i_jax.eval.evaluate import evaluate_run
+from t2i_jax.eval.evaluate import evaluate_run, load_inception
+from t2i_jax.metrics import fid
 from t2i_jax.train import report
 from t2i_jax.train.loop import train_and_evaluate
 
@@ -30,10 +31,10 @@ def run(evaluators_trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(run):
-    first = evaluate_run(run, num=NUM, seed=0, batch_size=8)
+    first = evaluate_run(run, num=NUM, seed=0, batch_size=8, use_inception=False)
     with open(os.path.join(run, "eval", "metrics.json")) as f:
         first_file = json.load(f)
-    second = evaluate_run(run, num=NUM, seed=0, batch_size=8)
+    second = evaluate_run(run, num=NUM, seed=0, batch_size=8, use_inception=False)
     return run, first, first_file, second
 
 
@@ -80,11 +81,25 @@ def test_grids_and_report_section(evaluated):
     value = metrics["splits"]["validation"]["generated"]["r_precision"]
     assert row.split("|")[2].strip() == f"{value:.3f}"
     assert "| probe_fd (lower is better) |" in text
+    assert "| contrastive_fd (lower is better) |" in text
+    # Without Inception weights: no FID, KID, IS or precision/recall, in the file or the table.
+    assert metrics["inception"] is None
+    assert not {"fid", "kid", "inception_score", "precision"} & set(
+        metrics["splits"]["validation"]["generated"]
+    )
+    assert "FID (lower is better)" not in text and "Inception weights: none" in text
+
+
+def test_missing_inception_weights_are_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fid, "default_weights_path", lambda: str(tmp_path / "absent.pth"))
+    assert load_inception(None) is None
+    out = capsys.readouterr().out
+    assert out.startswith("note: no FID Inception weights") and fid.WEIGHTS_URL in out
 
 
 def test_different_seed_different_samples(run, evaluated):
     _, first, _, _ = evaluated
-    other = evaluate_run(run, num=NUM, seed=1, batch_size=8)
+    other = evaluate_run(run, num=NUM, seed=1, batch_size=8, use_inception=False)
     a = first["splits"]["validation"]["generated"]["probe_fd"]
     assert other["splits"]["validation"]["generated"]["probe_fd"] != a
     assert other["seed"] == 1

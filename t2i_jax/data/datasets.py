@@ -32,22 +32,29 @@ DATASETS: dict[str, Callable[[], Any]] = {
 }
 
 
+# Public TFDS data sets the user prepares with TFDS (`data/public.py`).
+PUBLIC_DATASETS = ("imagenet2012", "coco_captions")
+
+
 def imported_path(name: str, data_dir: str) -> str:
     """Where `t2i data import --name NAME --data-dir DIR` puts a data set."""
     return os.path.join(os.path.expanduser(data_dir), name)
 
 
 def is_imported(name: str, data_dir: str) -> bool:
-    return name not in DATASETS and os.path.isfile(
-        os.path.join(imported_path(name, data_dir), "dataset_info.json")
+    return (
+        name not in DATASETS
+        and name not in PUBLIC_DATASETS
+        and os.path.isfile(os.path.join(imported_path(name, data_dir), "dataset_info.json"))
     )
 
 
 def check_name(name: str, data_dir: str) -> None:
     """A built-in data set, or one imported under `data_dir`; else one clear line."""
-    if name not in DATASETS and not is_imported(name, data_dir):
+    if name not in DATASETS and name not in PUBLIC_DATASETS and not is_imported(name, data_dir):
         raise ConfigError(
-            f"unknown data.name {name!r}: not built in ({', '.join(DATASETS)}) and not "
+            f"unknown data.name {name!r}: not built in ({', '.join(DATASETS)}), not a public "
+            f"TFDS set ({', '.join(PUBLIC_DATASETS)}) and not "
             f"imported at {imported_path(name, data_dir)} (t2i data import SRC --name {name} "
             f"--data-dir {data_dir})"
         )

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
 from t2i_jax import rng
 from t2i_jax.data import shapes, sources
 from t2i_jax.errors import DataError
+
+READ_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,16 +31,32 @@ class Examples:
         return len(self.captions)
 
 
-def load_examples(builder, split: str, num: int | None = None) -> Examples:
-    """Records 0..num-1 of `split` (all when num is None); fails if the split is shorter."""
+def resize_image(image: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] at size x size (Pillow's antialiased bicubic); as is when it is
+    already that size or size is None."""
+    image = np.asarray(image, np.uint8)
+    if size is None or image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def load_examples(
+    builder, split: str, num: int | None = None, image_size: int | None = None
+) -> Examples:
+    """Records 0..num-1 of `split` (all when num is None); fails if the split is shorter.
+    `image_size`: each image resized to it as it is read (antialiased bicubic)."""
     source = builder.as_data_source(split)
     num = len(source) if num is None else num
     if num > len(source):
         raise DataError(f"{builder.name} {split} has {len(source)} examples, {num} asked")
-    records = source.__getitems__(list(range(num)))
+    images, records = [], []
+    for start in range(0, num, READ_CHUNK):  # large sources resize as they are read
+        chunk = source.__getitems__(list(range(start, min(num, start + READ_CHUNK))))
+        images += [resize_image(r["image"], image_size) for r in chunk]
+        records += [{k: v for k, v in r.items() if k != "image"} for r in chunk]
     where = f"{builder.name} {split}"
     return Examples(
-        images=np.stack([np.asarray(r["image"], np.uint8) for r in records]),
+        images=np.stack(images),
         captions=[
             sources.decode_caption(r["caption"], f"{where}[{i}]") for i, r in enumerate(records)
         ],

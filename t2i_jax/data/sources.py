@@ -13,7 +13,14 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from t2i_jax.data.datasets import DATASETS, builder_class, check_name, imported_path
+from t2i_jax.data.datasets import (
+    DATASETS,
+    PUBLIC_DATASETS,
+    builder_class,
+    check_name,
+    imported_path,
+)
+from t2i_jax.data.public import PublicDataSet
 from t2i_jax.errors import DataError
 
 
@@ -32,7 +39,10 @@ def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
 
 
 def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
-    """The built-in data set `name`, or the one imported under `data_dir/name`."""
+    """The built-in data set `name`, a public TFDS one, or the one imported under
+    `data_dir/name`."""
+    if name in PUBLIC_DATASETS:
+        return PublicDataSet(name, data_dir, variant)
     if name not in DATASETS:
         check_name(name, data_dir)
         path = imported_path(name, data_dir)
@@ -54,6 +64,8 @@ def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBui
 def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     """Builds the data set on first use (on process 0) and returns its builder."""
     builder = load_builder(name, data_dir, variant)
+    if isinstance(builder, PublicDataSet):  # prepared by the user with TFDS
+        return builder.prepare()
     if jax.process_index() == 0 and not builder.is_prepared():
         tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
         builder.download_and_prepare(
@@ -77,6 +89,11 @@ def prepare_for_run(data) -> tfds.core.DatasetBuilder:
         raise DataError(
             f"data set {data.name} ({data.variant}) has {shape[0]}x{shape[1]} images, the "
             f"config has data.image_size={data.image_size}"
+            + (
+                f" (set data.variant={data.image_size}x{data.image_size})"
+                if isinstance(builder, PublicDataSet)
+                else ""
+            )
         )
     return builder
 
@@ -88,6 +105,8 @@ def has_several_captions(builder: tfds.core.DatasetBuilder) -> bool:
 
 def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """Every caption of `split`, in record order (all of an image's, where it has several)."""
+    if isinstance(builder, PublicDataSet) and split == "train":
+        return builder.training_captions()
     source = builder.as_data_source(split)
     key = "captions" if has_several_captions(builder) else "caption"
     out = []

@@ -111,6 +111,7 @@ EVAL_COLUMNS = (
     ("val R-precision", "validation", ("r_precision",)),
     ("val CLIP-style", "validation", ("clip_score",)),
     ("val probe_fd", "validation", ("probe_fd",)),
+    ("val contrastive_fd", "validation", ("contrastive_fd",)),
     ("comp caption acc", "compositional", ("attribute_accuracy", "caption")),
     ("comp R-precision", "compositional", ("r_precision",)),
 )

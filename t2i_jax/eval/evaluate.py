@@ -1,24 +1,31 @@
-"""Evaluating a run's text-image alignment with the built-in evaluators of its data set.
+"""Evaluating a run with the evaluators of its data set (`eval/evaluators.py`).
 
 `evaluate_run(workdir, num=..., seed=...)` samples one image per caption for the first `num`
-examples of `validation` and of `compositional` (scenes with held-out shape-colour pairs) from
-the run's EMA parameters, with the sample options of the run's config, and measures per split:
+examples (at most the split's size) of `validation` and, where the data set has it,
+`compositional` (t2i_shapes scenes with held-out shape-colour pairs), from the run's EMA
+parameters with the sample options of the run's config, and measures per split:
 
-- attribute accuracy: the probe's reading of each image against the attributes its caption
-  names (per attribute; "caption" = all of them right);
-- probe_fd: Frechet distance in the attribute probe's feature space (not FID: no Inception)
-  between the generated images and the real images of the same examples;
 - R-precision (99 mismatched captions of the split, or fewer when `num` is small; 10 folds)
-  and the CLIP-style score of the contrastive encoder.
+  and the CLIP-style score of the data set's contrastive encoder;
+- contrastive_fd: Frechet distance in that encoder's image space between the generated
+  images and the real images of the same examples (no downloaded weights);
+- with pytorch-fid's Inception weights (`inception_weights`, else torch's hub cache; skipped
+  with a note when absent): FID and KID against the real images of the same examples,
+  Inception Score, and improved precision/recall (k=3);
+- t2i_shapes only: attribute accuracy (the probe's reading of each image against the
+  attributes its caption names; "caption" = all of them right) and probe_fd, the Frechet
+  distance in the probe's feature space.
 
 The same measures on the real images of those captions are the reference a perfect generator
-would reach (its probe_fd reference is real vs real: examples num..2num-1 against 0..num-1,
-when the split has them). Writes `eval/metrics.json`, `eval/samples_<split>.png` and the
-"## Evaluation" section of `report.md`. Same run, num, seed and batch_size -> same numbers.
+would reach (their Frechet references are real vs real: examples num..2num-1 against
+0..num-1, when the split has them). Writes `eval/metrics.json`, `eval/samples_<split>.png`
+and the "## Evaluation" section of `report.md`. Same run, num, seed and batch_size -> same
+numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,14 +34,18 @@ import jax
 import numpy as np
 
 from t2i_jax import rng, sharding
-from t2i_jax.batching import padded_batches
+from t2i_jax.batching import map_in_batches, padded_batches
 from t2i_jax.data import sources
 from t2i_jax.data.examples import Examples, load_examples
 from t2i_jax.errors import UserError
 from t2i_jax.eval.evaluators import Evaluators, load_evaluators
 from t2i_jax.grid import save_grid, to_uint8
-from t2i_jax.metrics import alignment
+from t2i_jax.metrics import alignment, fid
+from t2i_jax.metrics.fid import FidInception
 from t2i_jax.metrics.frechet import frechet_distance, stats_of
+from t2i_jax.metrics.inception_score import inception_score
+from t2i_jax.metrics.kid import kernel_inception_distance
+from t2i_jax.metrics.precision_recall import precision_recall
 from t2i_jax.runs.loading import load_run
 from t2i_jax.runs.sampling import make_sampler
 from t2i_jax.train import report
@@ -74,23 +85,42 @@ def generate(
     return np.concatenate(out)
 
 
+INCEPTION_BATCH = 50  # pytorch-fid's default batch
+
+
+@dataclasses.dataclass(frozen=True)
+class RealReference:
+    """Features of the real images a split's generated images are compared with."""
+
+    probe: np.ndarray | None  # the probe's features (t2i_shapes)
+    contrastive: np.ndarray  # the contrastive encoder's image embeddings
+    inception: np.ndarray | None  # Inception pool3 features
+
+
 def measure(
     evaluators: Evaluators,
     images: np.ndarray,
     examples: Examples,
     *,
     text_emb: np.ndarray,
-    reference_features: np.ndarray | None,
+    reference: RealReference | None,
     num_mismatched: int,
     folds: int,
     seed: int,
+    inception: FidInception | None,
 ) -> dict:
-    """All alignment measures of `images` (one per example of `examples`)."""
-    preds, features = evaluators.probe_outputs(images)
-    acc = alignment.attribute_accuracy()
-    mask = alignment.named_attributes(examples.attributes)
-    accuracy = acc.compute(acc.update(acc.init(), preds, examples.attributes, mask))
-    accuracy.pop("count")
+    """All measures of `images` (one per example of `examples`)."""
+    out: dict = {}
+    if evaluators.has_probe:
+        preds, features = evaluators.probe_outputs(images)
+        acc = alignment.attribute_accuracy()
+        mask = alignment.named_attributes(examples.attributes)
+        accuracy = acc.compute(acc.update(acc.init(), preds, examples.attributes, mask))
+        accuracy.pop("count")
+        out["attribute_accuracy"] = {k: v for k, v in accuracy.items() if not math.isnan(v)}
+        out["probe_fd"] = (
+            None if reference is None else _frechet(features, reference.probe)
+        )  # fmt: skip
     img_emb = evaluators.embed_images(images)
     rp = alignment.r_precision(
         img_emb,
@@ -100,21 +130,68 @@ def measure(
         num_mismatched=num_mismatched,
         folds=folds,
     )
-    fd = None
-    if reference_features is not None:
-        fd = frechet_distance(stats_of(features), stats_of(reference_features))
-    return {
-        "attribute_accuracy": {k: v for k, v in accuracy.items() if not math.isnan(v)},
-        "probe_fd": fd,
-        "r_precision": rp["mean"],
-        "r_precision_std": rp["std"],
-        "clip_score": alignment.clip_score(img_emb, text_emb, clamp="mean"),
-        "clip_score_pair_clamp": alignment.clip_score(img_emb, text_emb, clamp="pair"),
-    }
+    out.update(
+        {
+            "contrastive_fd": None
+            if reference is None
+            else _frechet(img_emb, reference.contrastive),
+            "r_precision": rp["mean"],
+            "r_precision_std": rp["std"],
+            "clip_score": alignment.clip_score(img_emb, text_emb, clamp="mean"),
+            "clip_score_pair_clamp": alignment.clip_score(img_emb, text_emb, clamp="pair"),
+        }
+    )
+    if inception is not None:
+        pool, logits = inception_outputs(inception, images)
+        splits = min(10, len(images))
+        out["inception_score"], out["inception_score_std"] = inception_score(
+            logits, seed=seed, splits=splits
+        )
+        if reference is not None:
+            out["fid"] = _frechet(pool, reference.inception)
+            out["kid"], out["kid_std"] = kernel_inception_distance(
+                reference.inception, pool, seed=seed, subset_size=min(1000, len(images))
+            )
+            k = min(3, len(images) - 1)
+            out["precision"], out["recall"] = precision_recall(reference.inception, pool, k=k)
+    return out
 
 
-def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> dict:
-    """Evaluates the run's latest checkpoint on `num` captions per split; returns metrics.json."""
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(stats_of(a), stats_of(b))
+
+
+def inception_outputs(inception: FidInception, images: np.ndarray):
+    """(pool3 [N, 2048], logits [N, 1008]) in fixed-size batches (the last one padded)."""
+    batch = min(INCEPTION_BATCH, len(images))  # a few images are not padded to 50
+    return map_in_batches(inception, [np.asarray(images, np.uint8)], batch)
+
+
+def load_inception(weights: str | None) -> FidInception | None:
+    """pytorch-fid's Inception from `weights` (None: torch's hub cache). Absent from the
+    cache and not named: None, and one line says where to get it."""
+    if weights is None and not os.path.isfile(fid.default_weights_path()):
+        print(
+            f"note: no FID Inception weights at {fid.default_weights_path()}: FID, KID, IS "
+            f"and precision/recall skipped (pass --inception-weights {fid.WEIGHTS_FILE}, "
+            f"from {fid.WEIGHTS_URL})"
+        )
+        return None
+    return fid.load_fid_inception(weights)
+
+
+def evaluate_run(
+    workdir: str,
+    *,
+    num: int,
+    seed: int,
+    batch_size: int = 64,
+    inception_weights: str | None = None,
+    use_inception: bool = True,
+) -> dict:
+    """Evaluates the run's latest checkpoint on `num` captions per split; returns metrics.json.
+
+    `use_inception=False` skips the Inception metrics without looking for the weights."""
     if num < 2:
         raise UserError(f"evaluation needs at least 2 captions per split, got num={num}")
     if batch_size < 1:
@@ -123,8 +200,9 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
     config, method, state, tokenizer = run.config, run.method, run.state, run.tokenizer
     step = run.step
     data = config.data
-    evaluators = load_evaluators(data.name, data.dir, data.variant, train_if_missing=True)
     builder = sources.prepare_for_run(data)
+    inception = load_inception(inception_weights) if use_inception else None
+    evaluators = load_evaluators(data.name, data.dir, data.variant, train_if_missing=True)
     sampler = make_sampler(method)  # The run's config gives the sample options.
     eval_key = rng.stream_key(seed, "eval")
     out_dir = os.path.join(workdir, "eval")
@@ -132,8 +210,13 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
 
     results: dict = {}
     for split_index, split in enumerate(SPLITS):
+        if split not in builder.info.splits:
+            continue
         size = len(builder.as_data_source(split))
-        examples = load_examples(builder, split, num)
+        count = min(num, size)
+        if count < 2:
+            raise UserError(f"{data.name} {split} has {size} examples; evaluation needs 2")
+        examples = load_examples(builder, split, count)
         images = generate(
             sampler,
             state.ema_params,
@@ -144,44 +227,34 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
             key=jax.random.fold_in(eval_key, split_index),
             batch_size=batch_size,
         )
-        _, real_features = evaluators.probe_outputs(examples.images)
-        # Real vs real on other examples of the split: probe_fd's floor at this sample size.
-        floor_features = None
-        if size >= 2 * num:
-            floor = load_examples(builder, split, 2 * num)
-            floor_features = evaluators.probe_outputs(floor.images[num:])[1]
+        reference = _reference(evaluators, examples.images, inception)
+        # Real vs real on other examples of the split: the Frechet floor at this sample size.
+        floor = None
+        if size >= 2 * count:
+            others = load_examples(builder, split, 2 * count).images[count:]
+            floor = _reference(evaluators, others, inception)
         text_emb = evaluators.embed_texts(examples.captions)
         ids = alignment.text_ids_of(examples.captions)
         common = {
             "text_emb": text_emb,
             "num_mismatched": min(99, alignment.max_mismatched(ids)),
-            "folds": min(10, num),
+            "folds": min(10, count),
             "seed": seed,
+            "inception": inception,
         }
         results[split] = {
+            "count": count,
             "num_mismatched": common["num_mismatched"],
             "folds": common["folds"],
-            "probe_fd_reference": {
+            "real_reference": {
                 "split": split,
-                "count": num,
-                "stats_digest": stats_of(real_features).digest(),
+                "count": count,
+                "contrastive_stats_digest": stats_of(reference.contrastive).digest(),
             },
-            "generated": measure(
-                evaluators, images, examples, reference_features=real_features, **common
-            ),
-            "real": measure(
-                evaluators,
-                examples.images,
-                examples,
-                reference_features=None,
-                **common,
-            ),
+            "generated": measure(evaluators, images, examples, reference=reference, **common),
+            "real": measure(evaluators, examples.images, examples, reference=floor, **common),
         }
-        if floor_features is not None:
-            results[split]["real"]["probe_fd"] = frechet_distance(
-                stats_of(floor_features), stats_of(real_features)
-            )
-        columns = min(num, GRID_COLUMNS)
+        columns = min(count, GRID_COLUMNS)
         grid = np.stack([images[:columns], examples.images[:columns]], axis=1)
         save_grid(os.path.join(out_dir, f"samples_{split}.png"), grid, examples.captions[:columns])
 
@@ -195,18 +268,11 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
         "sample_options": sample_options,
         "evaluators": {"seed": evaluators.info["seed"], **evaluators.digests},
         "evaluators_real_test": {
-            "probe_accuracy": evaluators.info["probe"]["test_accuracy"],
+            "probe_accuracy": (evaluators.info["probe"] or {}).get("test_accuracy"),
             "contrastive": evaluators.info["contrastive"]["test"],
         },
-        "protocol": {
-            "attribute_accuracy": "probe's attributes vs those the caption names",
-            "probe_fd": "Frechet distance in the attribute probe's feature space, "
-            "generated vs real images of the same examples",
-            "r_precision": "true caption vs num_mismatched captions of other text from the "
-            "split, cosine, top-1, mean/std over folds",
-            "clip_score": "max(mean(100 * cos), 0) as torchmetrics; clip_score_pair_clamp: "
-            "mean(max(100 * cos, 0))",
-        },
+        "inception": None if inception is None else inception.weights,
+        "protocol": PROTOCOL,
         "splits": results,
     }
     path = os.path.join(out_dir, "metrics.json")
@@ -218,8 +284,47 @@ def evaluate_run(workdir: str, *, num: int, seed: int, batch_size: int = 64) -> 
     return metrics
 
 
+def _reference(evaluators: Evaluators, images: np.ndarray, inception) -> RealReference:
+    return RealReference(
+        probe=evaluators.probe_outputs(images)[1] if evaluators.has_probe else None,
+        contrastive=evaluators.embed_images(images),
+        inception=None if inception is None else inception_outputs(inception, images)[0],
+    )
+
+
+PROTOCOL = {
+    "attribute_accuracy": "probe's attributes vs those the caption names (t2i_shapes)",
+    "probe_fd": "Frechet distance in the attribute probe's feature space, generated vs real "
+    "images of the same examples",
+    "contrastive_fd": "Frechet distance in the contrastive encoder's image space, generated "
+    "vs real images of the same examples",
+    "r_precision": "true caption vs num_mismatched captions of other text from the split, "
+    "cosine, top-1, mean/std over folds",
+    "clip_score": "max(mean(100 * cos), 0) as torchmetrics; clip_score_pair_clamp: "
+    "mean(max(100 * cos, 0))",
+    "fid": "pytorch-fid's Inception pool3, generated vs real images of the same examples",
+    "kid": "polynomial-kernel MMD on the same features, 100 subsets (torchmetrics)",
+    "inception_score": "exp(E KL(p(y|x) || p(y))), min(10, N) splits, torch-fidelity's convention",
+    "precision": "improved precision/recall (Kynkaanniemi et al.), k=3, pool3 features",
+}
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+ROWS = (  # (metrics key, label); a row shows when the first split's generated column has it
+    ("probe_fd", "probe_fd (lower is better)"),
+    ("contrastive_fd", "contrastive_fd (lower is better)"),
+    ("r_precision", "R-precision"),
+    ("r_precision_std", "R-precision std over folds"),
+    ("clip_score", "CLIP-style score"),
+    ("fid", "FID (lower is better)"),
+    ("kid", "KID (lower is better)"),
+    ("inception_score", "Inception Score"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
 
 
 def _report_lines(metrics: dict) -> list[str]:
@@ -228,7 +333,7 @@ def _report_lines(metrics: dict) -> list[str]:
     header = ["measure"] + [f"{s} {kind}" for s in splits for kind in ("generated", "real")]
     rows = []
     first = next(iter(splits.values()))
-    for key in first["real"]["attribute_accuracy"]:
+    for key in first["real"].get("attribute_accuracy", {}):
         label = "whole caption" if key == "caption" else key
         cells = [
             splits[s][kind]["attribute_accuracy"].get(key)
@@ -236,35 +341,36 @@ def _report_lines(metrics: dict) -> list[str]:
             for kind in ("generated", "real")
         ]
         rows.append([f"attribute accuracy: {label}"] + [_fmt(c) for c in cells])
-    for key, label in (
-        ("probe_fd", "probe_fd (lower is better)"),
-        ("r_precision", "R-precision"),
-        ("r_precision_std", "R-precision std over folds"),
-        ("clip_score", "CLIP-style score"),
-    ):
-        rows.append(
-            [label] + [_fmt(splits[s][kind][key]) for s in splits for kind in ("generated", "real")]
-        )
+    for key, label in ROWS:
+        if key in first["generated"]:
+            cells = [splits[s][kind].get(key) for s in splits for kind in ("generated", "real")]
+            rows.append([label] + [_fmt(c) for c in cells])
+    probe = metrics["evaluators"].get("probe")
+    evaluators = f"contrastive `{metrics['evaluators']['contrastive']}`" + (
+        f", probe `{probe}`" if probe else ""
+    )
+    inception = metrics["inception"] or "none (FID, KID, IS, precision/recall skipped)"
     lines = [
-        f"Step {metrics['step']}, {metrics['num']} captions per split (the first of each), "
-        f"seed {metrics['seed']}, sample options {metrics['sample_options']}. Evaluators "
-        f"(seed {metrics['evaluators']['seed']}): probe `{metrics['evaluators']['probe']}`, "
-        f"contrastive `{metrics['evaluators']['contrastive']}`.",
+        f"Step {metrics['step']}, "
+        + ", ".join(f"{s}: the first {splits[s]['count']} captions" for s in splits)
+        + f", seed {metrics['seed']}, sample options {metrics['sample_options']}. Evaluators "
+        f"(seed {metrics['evaluators']['seed']}): {evaluators}. Inception weights: {inception}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(r) + " |" for r in rows),
         "",
-        "Attribute accuracy: the attribute probe's reading of each image against the "
-        "attributes its caption names. probe_fd: Frechet distance in the attribute probe's "
-        "feature space to the real images of the same captions (real column: real images of "
-        "other examples of the split; '-' when the split has too few). R-precision: "
+        "R-precision: "
         + ", ".join(
             f"{s} {splits[s]['num_mismatched']} mismatched captions, {splits[s]['folds']} folds"
             for s in splits
         )
-        + ". CLIP-style score: max(mean(100 * cos), 0), as torchmetrics. Real columns: the "
-        "same measures on the data set's own images of those captions.",
+        + ". CLIP-style score: max(mean(100 * cos), 0), as torchmetrics. Frechet distances "
+        "(probe_fd, contrastive_fd, FID) and KID, precision and recall compare with the real "
+        "images of the same captions; their real column compares real images of other "
+        "examples of the split ('-' when the split has too few). Attribute accuracy: the "
+        "probe's reading of each image against the attributes its caption names. Real "
+        "columns: the same measures on the data set's own images of those captions.",
         "",
         *(f"![{s}](eval/samples_{s}.png)" for s in splits),
         "",

@@ -42,6 +42,8 @@ PLANS: dict[str, Plan] = {
     "small": Plan(
         probe_steps=150, contrastive_steps=150, held_out_scenes=128, batch_size=64, lr=3e-3
     ),
+    # Every other data set: the contrastive encoder alone, on its own training split.
+    "any": Plan(probe_steps=0, contrastive_steps=600, held_out_scenes=0),
 }
 # 128 features: `t2i eval`'s default 256 images per split give a full-rank covariance.
 PROBE_CONFIG = {"channels": (32, 64, 128), "features": 128}

@@ -1,20 +1,24 @@
-"""The built-in alignment evaluators of `t2i_shapes`: an attribute probe and a contrastive encoder.
+"""The alignment evaluators of a data set: a contrastive image-text encoder for every data set,
+and an attribute probe for `t2i_shapes`.
 
-`train_evaluators(name, data_dir, variant, seed=...)` trains both (`evaluator_training.py`)
-on the real training split plus scenes with the held-out (shape, colour) pairs
-(`data/examples.py`), measures them on the real `test` and `compositional` splits and stores
-them under `<builder.data_dir>/evaluators/`:
+`train_evaluators(name, data_dir, variant, seed=...)` trains them (`evaluator_training.py`) on
+the data set's own training split, measures them on a held-out split and stores them under
+`<builder.data_dir>/evaluators/`:
 
   evaluators.json          architecture configs, training plan, seed, tokenizer file, digests,
-                           real-test probe accuracy per attribute, real-test R-precision
-  probe.safetensors        AttributeProbe params (flattened with "/")
+                           image size, real held-out probe accuracy and R-precision
+  probe.safetensors        AttributeProbe params (flattened with "/"; t2i_shapes only)
   contrastive.safetensors  ContrastiveEncoder params
   tokenizer.model          the data set's SentencePiece model the text tower was trained with
 
-The evaluators must recognise the held-out pairs that the generators never see, or the
-`compositional` scores would measure the evaluators' blind spot. So they also train on
-`Plan.held_out_scenes` scenes made by `shapes.make_example(.., "compositional", i)` under a
-seed of their own: the same kind of scenes as the `compositional` split, never its records.
+Images larger than `MAX_IMAGE_SIZE` are resized to it (antialiased bicubic) before the
+evaluators see them, in training and in use alike.
+
+For `t2i_shapes` the evaluators must recognise the held-out (shape, colour) pairs that the
+generators never see, or the `compositional` scores would measure the evaluators' blind spot.
+So they also train on `Plan.held_out_scenes` scenes made by `shapes.make_example(..,
+"compositional", i)` under a seed of their own: the same kind of scenes as the
+`compositional` split, never its records.
 
 The folder is written under a temporary name and renamed into place, so a killed run leaves
 either the previous evaluators or none, never half of them. `load_evaluators` reads them (and
@@ -41,7 +45,13 @@ from safetensors.numpy import load_file, save_file
 
 from t2i_jax.batching import map_in_batches
 from t2i_jax.data import sources
-from t2i_jax.data.examples import Examples, concat, held_out_scenes, load_examples
+from t2i_jax.data.examples import (
+    Examples,
+    concat,
+    held_out_scenes,
+    load_examples,
+    resize_image,
+)
 from t2i_jax.errors import DataError
 from t2i_jax.eval.evaluator_training import (
     CONTRASTIVE_CONFIG,
@@ -56,9 +66,12 @@ from t2i_jax.nets.contrastive import ContrastiveEncoder
 from t2i_jax.nets.probe import HEADS, AttributeProbe
 from t2i_jax.text.tokenizer import Tokenizer, prepare_tokenizer
 
-FORMAT_VERSION = 2  # 2: trained with held-out scenes too
+FORMAT_VERSION = 3  # 2: trained with held-out scenes too; 3: any data set, image_size
 DIRNAME = "evaluators"
-SUPPORTED = ("t2i_shapes",)  # The probe's heads are this data set's attributes.
+PROBE_DATA_SETS = ("t2i_shapes",)  # The probe's heads are this data set's attributes.
+MAX_IMAGE_SIZE = 64  # larger data sets are scored at this size
+MAX_TRAIN_EXAMPLES = 50_000  # the first records of `train` the contrastive encoder sees
+MAX_HELD_OUT_EXAMPLES = 5_000  # the first records of the held-out split it is measured on
 TOKENIZER_VOCAB = 128  # The data set's tokenizer file the runs use by default.
 EVAL_BATCH = 250  # rows per call of the applied evaluators (the last call padded)
 PROBE_TARGET = 0.99  # per attribute, on real test images, for a probe worth trusting
@@ -94,7 +107,7 @@ def _embed_texts(model: ContrastiveEncoder, params, tokens, mask):
 class Evaluators:
     """A trained probe and contrastive encoder with the functions that apply them."""
 
-    probe_params: dict
+    probe_params: dict | None  # None: a data set without the probe's attributes
     contrastive_params: dict
     tokenizer: Tokenizer
     info: dict  # the contents of evaluators.json
@@ -111,15 +124,29 @@ class Evaluators:
             **_module_config(self.info["contrastive"]["config"]),
         )
 
+    @property
+    def has_probe(self) -> bool:
+        return self.probe_params is not None
+
+    @property
+    def image_size(self) -> int | None:
+        return self.info.get("image_size")
+
+    def _inputs(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.uint8)
+        if self.image_size is None or images.shape[1:3] == (self.image_size,) * 2:
+            return images
+        return np.stack([resize_image(im, self.image_size) for im in images])
+
     def probe_outputs(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """uint8 images [N, H, W, 3] -> (predicted attribute values [N] by name, features)."""
         fn = functools.partial(_apply_probe, self.probe, self.probe_params)
-        return map_in_batches(fn, [np.asarray(images, np.uint8)], EVAL_BATCH, fill="edge")
+        return map_in_batches(fn, [self._inputs(images)], EVAL_BATCH, fill="edge")
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] -> unit embeddings [N, E]."""
         fn = functools.partial(_embed_images, self.encoder, self.contrastive_params)
-        return map_in_batches(fn, [np.asarray(images, np.uint8)], EVAL_BATCH, fill="edge")
+        return map_in_batches(fn, [self._inputs(images)], EVAL_BATCH, fill="edge")
 
     def embed_texts(self, captions: Sequence[str]) -> np.ndarray:
         """Captions -> unit embeddings [N, E]."""
@@ -141,12 +168,18 @@ def probe_accuracy(evaluators: Evaluators, examples: Examples) -> dict[str, floa
 
 
 def contrastive_scores(evaluators: Evaluators, examples: Examples, *, seed: int) -> dict:
-    """R-precision (99 mismatched, 10 folds) and CLIP-style score on real pairs."""
+    """R-precision (99 mismatched, 10 folds; fewer on a small split) and CLIP-style score
+    on real pairs."""
     img = evaluators.embed_images(examples.images)
     txt = evaluators.embed_texts(examples.captions)
     ids = alignment.text_ids_of(examples.captions)
     rp = alignment.r_precision(
-        img, txt, seed=seed, text_ids=ids, num_mismatched=min(99, alignment.max_mismatched(ids))
+        img,
+        txt,
+        seed=seed,
+        text_ids=ids,
+        num_mismatched=min(99, alignment.max_mismatched(ids)),
+        folds=min(10, len(examples)),
     )
     return {
         "r_precision": rp["mean"],
@@ -170,17 +203,22 @@ def evaluators_dir(builder) -> str:
     return os.path.join(builder.data_dir, DIRNAME)
 
 
-def _check_name(name: str) -> None:
-    if name not in SUPPORTED:
-        raise DataError(f"no built-in evaluators for data set {name}; supported: {SUPPORTED}")
+def has_probe(name: str) -> bool:
+    return name in PROBE_DATA_SETS
+
+
+def held_out_split(builder) -> str:
+    """Where the evaluators' own accuracy is measured: `test`, else `validation`."""
+    return "test" if "test" in builder.info.splits else "validation"
 
 
 def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -> dict:
-    """Trains and stores the probe and the contrastive encoder; returns evaluators.json.
+    """Trains and stores the evaluators of a data set; returns evaluators.json.
 
-    Prints the real-test probe accuracy per attribute and the real-test R-precision.
+    Prints the real held-out R-precision (and the probe's accuracy per attribute).
     """
-    _check_name(name)
+    if not has_probe(name):
+        return _train_contrastive_only(name, data_dir, variant, seed=seed)
     builder = sources.prepare(name, data_dir, variant)
     plan = PLANS.get(variant, PLANS["default"])
     tokenizer_file = f"spm_vocab{TOKENIZER_VOCAB}.model"
@@ -240,6 +278,52 @@ def train_evaluators(name: str, data_dir: str, variant: str, *, seed: int = 0) -
     return info
 
 
+def _train_contrastive_only(name: str, data_dir: str, variant: str, *, seed: int) -> dict:
+    """Any data set: the contrastive encoder on (the first MAX_TRAIN_EXAMPLES of) its
+    training split, at most MAX_IMAGE_SIZE px, measured on its held-out split."""
+    builder = sources.prepare(name, data_dir, variant)
+    plan = PLANS["any"]
+    tokenizer = prepare_tokenizer(builder, TOKENIZER_VOCAB)
+    data_size = int(builder.info.features["image"].shape[0])
+    size = min(data_size, MAX_IMAGE_SIZE)
+    count = min(len(builder.as_data_source("train")), MAX_TRAIN_EXAMPLES)
+    train = load_examples(builder, "train", count, image_size=size)
+    held_out = held_out_split(builder)
+    start = time.perf_counter()
+    enc_params, enc_loss = train_contrastive(train, tokenizer, seed=seed, plan=plan)
+    jax.block_until_ready(enc_params)
+    info = {
+        "format": FORMAT_VERSION,
+        "data": {"name": name, "variant": variant, "train_examples": len(train)},
+        "image_size": size,
+        "seed": seed,
+        "plan": dataclasses.asdict(plan),
+        "probe": None,
+        "contrastive": {
+            "config": _jsonable(CONTRASTIVE_CONFIG),
+            "tokenizer": f"spm_vocab{TOKENIZER_VOCAB}.model",
+            "vocab_size": tokenizer.vocab_size,
+            "final_loss": enc_loss,
+            "train_seconds": round(time.perf_counter() - start, 1),
+            "held_out_split": held_out,
+        },
+    }
+    evaluators = Evaluators(None, jax.device_get(enc_params), tokenizer, info, "")
+    held_out_count = min(len(builder.as_data_source(held_out)), MAX_HELD_OUT_EXAMPLES)
+    examples = load_examples(builder, held_out, held_out_count, image_size=size)
+    info["contrastive"]["test"] = contrastive_scores(evaluators, examples, seed=seed)
+    store_evaluators(evaluators_dir(builder), evaluators)
+    scores = info["contrastive"]["test"]
+    print(
+        f"contrastive encoder ({info['contrastive']['train_seconds']} s, {len(train)} "
+        f"training images at {size} px): real {held_out} R-precision "
+        f"{scores['r_precision']:.4f} +- {scores['r_precision_std']:.4f} "
+        f"({scores['num_mismatched']} mismatched), CLIP-style score {scores['clip_score']:.2f}",
+        flush=True,
+    )
+    return info
+
+
 def store_evaluators(path: str, evaluators: Evaluators) -> None:
     """Writes the evaluators to `path` atomically: a temporary folder beside it, renamed.
 
@@ -248,15 +332,13 @@ def store_evaluators(path: str, evaluators: Evaluators) -> None:
     parent, name = os.path.split(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
     try:
-        for key, params in (
-            ("probe", evaluators.probe_params),
-            ("contrastive", evaluators.contrastive_params),
-        ):
+        stored = {"probe": evaluators.probe_params, "contrastive": evaluators.contrastive_params}
+        stored = {k: v for k, v in stored.items() if v is not None}
+        for key, params in stored.items():
             save_file(_flat(params), os.path.join(tmp, f"{key}.safetensors"))
         evaluators.tokenizer.save(os.path.join(tmp, "tokenizer.model"))
         evaluators.info["digests"] = {
-            key: _file_digest(os.path.join(tmp, f"{key}.safetensors"))
-            for key in ("probe", "contrastive")
+            key: _file_digest(os.path.join(tmp, f"{key}.safetensors")) for key in stored
         }
         with open(os.path.join(tmp, "evaluators.json"), "w") as f:
             json.dump(evaluators.info, f, indent=2)
@@ -299,7 +381,6 @@ def load_evaluators(
     name: str, data_dir: str, variant: str, *, train_if_missing: bool = True
 ) -> Evaluators:
     """The stored evaluators of a data set; trained first (seed 0) if missing and allowed."""
-    _check_name(name)
     builder = sources.load_builder(name, data_dir, variant)
     path = evaluators_dir(builder)
     info_path = os.path.join(path, "evaluators.json")
@@ -316,10 +397,12 @@ def load_evaluators(
             info = json.load(f)
         except ValueError as e:
             raise DataError(f"{info_path} is not valid JSON ({e}); retrain the evaluators") from e
-    if info.get("format") != FORMAT_VERSION:
+    if info.get("format") not in (2, FORMAT_VERSION):  # 2: t2i_shapes, as 3 at its size
         raise DataError(f"{info_path}: unknown format {info.get('format')}; retrain them")
     try:
-        probe = _unflat(load_file(os.path.join(path, "probe.safetensors")))
+        probe = None
+        if info.get("probe") is not None:
+            probe = _unflat(load_file(os.path.join(path, "probe.safetensors")))
         enc = _unflat(load_file(os.path.join(path, "contrastive.safetensors")))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read evaluators in {path}: {e}") from e

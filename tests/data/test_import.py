@@ -3,9 +3,11 @@ their bad entries skipped and counted by reason, reproducibly, and trained on by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,9 @@ from PIL import Image
 from t2i_jax import cli, rng
 from t2i_jax.data import image_decode, importer, sources
 from t2i_jax.errors import ConfigError
+from t2i_jax.eval.evaluator_training import PLANS
+from t2i_jax.eval.evaluators import load_evaluators
+from t2i_jax.metrics import fid, inception_score
 from t2i_jax.text.tokenizer import Tokenizer
 from t2i_jax.train import input_pipeline
 
@@ -264,6 +269,13 @@ def imported_vae_run(folder_import, tmp_path_factory) -> str:
     return str(workdir)
 
 
+@pytest.fixture(scope="module")
+def imported_diffusion_run(folder_import, tmp_path_factory) -> str:
+    workdir = tmp_path_factory.mktemp("imported_diffusion")
+    assert train_on_imported(folder_import[2], workdir, "diffusion-test") == 0
+    return str(workdir)
+
+
 # The batch contract is the same for every family, so diffusion (a learned text encoder)
 # and the GAN (bag-of-words) cover the imported data's path in `make test`; the others train
 # on t2i_shapes in their own tests and run here with `-m slow`.
@@ -277,10 +289,13 @@ def imported_vae_run(folder_import, tmp_path_factory) -> str:
 )
 def test_every_family_trains_on_imported_images(family, folder_import, tmp_path, request):
     data_dir = folder_import[2]
-    extra = []
-    if family == "ldm":
-        extra = [f"--config.ldm.autoencoder={request.getfixturevalue('imported_vae_run')}"]
-    assert train_on_imported(data_dir, tmp_path, f"{family}-test", *extra) == 0
+    if family == "diffusion":  # trained once, for the evaluation test too
+        tmp_path = pathlib.Path(request.getfixturevalue("imported_diffusion_run"))
+    else:
+        extra = []
+        if family == "ldm":
+            extra = [f"--config.ldm.autoencoder={request.getfixturevalue('imported_vae_run')}"]
+        assert train_on_imported(data_dir, tmp_path, f"{family}-test", *extra) == 0
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     with open(tmp_path / "metrics.jsonl") as f:
         logged = [json.loads(line) for line in f]
@@ -292,3 +307,44 @@ def test_every_family_trains_on_imported_images(family, folder_import, tmp_path,
     assert len(validation) == folder_import[3]["splits"]["validation"]
     with open(tmp_path / "report.md") as f:
         assert validation[0] in f.read()
+
+
+EVAL_NUM = 3  # validation has 7 images: 3 to score, 3 others for the real-vs-real floor
+
+
+def test_eval_on_imported_images(imported_diffusion_run, folder_import, inception_weights,
+                                 monkeypatch, capsys):  # fmt: skip
+    """`t2i eval` on a data set without attributes: the contrastive encoder trained for it,
+    FID/KID/IS/precision-recall with the given Inception weights, no probe, one split."""
+    # The contrastive plan's steps cut short: this tests the path, not the encoder's skill.
+    monkeypatch.setitem(PLANS, "any", dataclasses.replace(PLANS["any"], contrastive_steps=8))
+    workdir = imported_diffusion_run
+    assert cli.main(["eval", "--workdir", workdir, "--num", str(EVAL_NUM), "--batch-size",
+                     "4", "--inception-weights", inception_weights]) == 0  # fmt: skip
+    assert "contrastive encoder" in capsys.readouterr().out
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert set(metrics["splits"]) == {"validation"}  # no compositional split here
+    assert metrics["inception"] == os.path.basename(inception_weights)
+    assert "probe" not in metrics["evaluators"]
+    split = metrics["splits"]["validation"]
+    assert split["count"] == EVAL_NUM and split["num_mismatched"] == EVAL_NUM - 1
+    for kind in ("generated", "real"):
+        measured = split[kind]
+        assert "attribute_accuracy" not in measured and "probe_fd" not in measured
+        for key in ("contrastive_fd", "r_precision", "clip_score", "fid", "kid",
+                    "inception_score", "precision", "recall"):  # fmt: skip
+            assert np.isfinite(measured[key]), (kind, key, measured)
+    # The real column's Inception Score, recomputed here from the same images and weights.
+    builder = sources.load_builder("photos", str(folder_import[2]), "default")
+    source = builder.as_data_source("validation")
+    real = np.stack([source[i]["image"] for i in range(EVAL_NUM)])
+    _, logits = fid.load_fid_inception(inception_weights)(real)
+    expected, _ = inception_score.inception_score(np.asarray(logits), seed=0, splits=EVAL_NUM)
+    np.testing.assert_allclose(split["real"]["inception_score"], expected, rtol=1e-5)
+    evaluators = load_evaluators("photos", str(folder_import[2]), "default")
+    assert not evaluators.has_probe and evaluators.image_size == SIZE
+    with open(os.path.join(workdir, "report.md")) as f:
+        section = f.read().split("## Evaluation")[1]
+    assert "FID (lower is better)" in section and "contrastive_fd" in section
+    assert "attribute accuracy" not in section and "samples_validation.png" in section
