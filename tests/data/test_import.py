@@ -348,3 +348,29 @@ def test_eval_on_imported_images(imported_diffusion_run, folder_import, inceptio
         section = f.read().split("## Evaluation")[1]
     assert "FID (lower is better)" in section and "contrastive_fd" in section
     assert "attribute accuracy" not in section and "samples_validation.png" in section
+
+
+def test_random_flip_mirrors_about_half_the_images_from_the_seed(folder_import):
+    data_dir = folder_import[2]
+    source = sources.load_builder("photos", str(data_dir), "default").as_data_source("train")
+    tokenizer = Tokenizer.load(str(data_dir / "photos" / "spm_vocab128.model"))
+    originals = [source[i]["image"].astype(np.float32) / 127.5 - 1.0 for i in range(len(source))]
+
+    def flips(seed: int) -> list[bool]:
+        loader = input_pipeline.make_loader(
+            source, tokenizer, global_batch_size=4, max_len=24, seed=seed, num_epochs=4,
+            shard_index=0, shard_count=1, random_flip=True,
+        )  # fmt: skip
+        out = []
+        for image in (im for batch in loader for im in batch["image"]):
+            as_is = any(np.array_equal(image, o) for o in originals)
+            mirrored = any(np.array_equal(image, o[:, ::-1]) for o in originals)
+            assert as_is or mirrored
+            if as_is != mirrored:  # not a symmetric image ("a mid grey square")
+                out.append(mirrored)
+        return out
+
+    a = flips(rng.stream_seed(0, "data"))
+    assert a == flips(rng.stream_seed(0, "data"))
+    assert a != flips(rng.stream_seed(1, "data"))
+    assert len(a) > 60 and 0.3 < np.mean(a) < 0.7, np.mean(a)  # ~77 draws of a fair coin
