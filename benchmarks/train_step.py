@@ -47,6 +47,48 @@ def random_batch(config, vocab_size: int) -> dict:
     }
 
 
+def measure(config, steps: int) -> dict:
+    """The config's compiled train step on random batches: median step time over `steps`
+    (after a warm-up step), XLA's FLOPs and memory, parameter and state sizes."""
+    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    with tempfile.TemporaryDirectory() as workdir:
+        text = build_text(config, TextContext(workdir, builder, config.seed))
+    method = registry.build_method(config, text)
+    mesh = sharding.make_mesh(config=config)
+    fns = loop.compile_functions(method, config, mesh, method.load_frozen())
+    state = fns.init(jax.random.key(0))
+    batch = jax.device_put(random_batch(config, text.vocab_size), fns.batch_sharding)
+    key = jax.random.key(1)
+
+    lowered = fns.step_fn.lower(state, batch, key, fns.frozen)
+    flops = loop.train_step_flops(method, fns, config)  # all devices; K microbatches: all K
+    memory = lowered.compile().memory_analysis()
+    per_device = sum(
+        getattr(memory, f, 0) or 0
+        for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    ) - (getattr(memory, "alias_size_in_bytes", 0) or 0)  # donated state: counted once
+    state_bytes = sum(
+        s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards[:1]
+    )
+
+    state, metrics = fns.train_step(state, batch, key)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        state, metrics = fns.train_step(state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {
+        "step_time": float(np.median(times)),
+        "flops": flops,
+        "mesh": mesh,
+        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "state_bytes": state_bytes,
+        "step_memory": per_device,
+    }
+
+
 def main() -> None:
     argv, overrides = _split_config_overrides(__import__("sys").argv[1:])
     parser = argparse.ArgumentParser()
@@ -68,41 +110,12 @@ def main() -> None:
             overrides.append(f"train.{key}={value}")
     config_lib.apply_overrides(config, overrides + mesh_overrides)
 
-    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    with tempfile.TemporaryDirectory() as workdir:
-        text = build_text(config, TextContext(workdir, builder, config.seed))
-    vocab_size = text.vocab_size
-    method = registry.build_method(config, text)
-    mesh = sharding.make_mesh(config=config)
-    fns = loop.compile_functions(method, config, mesh, method.load_frozen())
-    state = fns.init(jax.random.key(0))
-    batch = jax.device_put(random_batch(config, vocab_size), fns.batch_sharding)
-    key = jax.random.key(1)
-
-    lowered = fns.step_fn.lower(state, batch, key, fns.frozen)
-    flops = loop.train_step_flops(method, fns, config)  # all devices; K microbatches: all K
-    memory = lowered.compile().memory_analysis()
-    per_device = sum(
-        getattr(memory, f, 0) or 0
-        for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
-    ) - (getattr(memory, "alias_size_in_bytes", 0) or 0)  # donated state: counted once
-    state_bytes = sum(
-        s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards[:1]
-    )
-
-    state, metrics = fns.train_step(state, batch, key)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = fns.train_step(state, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    step_time = float(np.median(times))
+    m = measure(config, args.steps)
+    step_time, flops, mesh = m["step_time"], m["flops"], m["mesh"]
     peak = throughput.measured_matmul_peak(n=2048, repeats=10)
     device_peak, peak_source = throughput.device_peak(mesh.devices.flat[0])
     achieved = flops / step_time
-    params = sum(x.size for x in jax.tree.leaves(state.params))
+    params, state_bytes, per_device = m["params"], m["state_bytes"], m["step_memory"]
     devices = jax.devices()
     print(f"config            {args.config} {' '.join(overrides)}")
     print(f"devices           {len(devices)} x {devices[0].device_kind} ({platform.machine()})")
