@@ -13,7 +13,8 @@ size, then measures for each size:
   first few;
 - train step: images/s of the matching `experiments/images.py` config's compiled step on
   random batches (`train_step.measure`): demo at 32 px, full at 64 px (diffusion) and at
-  256 px (the latent diffusion VAE, `ldm_vae`);
+  256 px (the latent diffusion VAE, `ldm_vae`), at the config's batch or `--step-batch`;
+  the loader is measured at the same batch;
 - headroom: loader images/s over train-step images/s (the goal: >= 10x at demo sizes).
 """
 
@@ -99,6 +100,12 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--steps", type=int, default=5, help="train steps timed per size")
+    parser.add_argument(
+        "--step-batch",
+        type=int,
+        help="cap on the train step's batch (the full configs' 128 need tens of GB on a CPU); "
+        "images/s are reported at the batch used",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -121,7 +128,10 @@ def main() -> None:
                 sys.exit(code)
             import_rate = args.images / (time.perf_counter() - start)
             config = config_lib.load_config(f"{REPO}/experiments/images.py:{CONFIGS[size]}")
-            config_lib.apply_overrides(config, [f"data.name={name}", f"data.dir={data_dir}"])
+            overrides = [f"data.name={name}", f"data.dir={data_dir}"]
+            if args.step_batch and args.step_batch < config.train.batch_size:
+                overrides.append(f"train.batch_size={args.step_batch}")
+            config_lib.apply_overrides(config, overrides)
             builder = sources.load_builder(name, data_dir, "default")
             tokenizer = prepare_tokenizer(builder, config.text.vocab_size)
             source = builder.as_data_source("train")

@@ -327,6 +327,23 @@ ROWS = (  # (metrics key, label); a row shows when the first split's generated c
 )
 
 
+def _comparison_note(measured: dict) -> str:
+    """What the table's distance rows compare, naming only the rows it has."""
+    frechet = [k for k in ("probe_fd", "contrastive_fd", "fid") if k in measured]
+    others = [k for k in ("kid", "precision", "recall") if k in measured]
+    note = (
+        f"{', '.join(frechet + others)}: generated against the real images of the same "
+        "captions; in the real column, those real images against others of the split ('-' "
+        "when the split has too few). "
+    )
+    if "attribute_accuracy" in measured:
+        note += (
+            "Attribute accuracy: the probe's reading of each image against the attributes "
+            "its caption names. "
+        )
+    return note + "Real columns: the same measures on the data set's own images of those captions."
+
+
 def _report_lines(metrics: dict) -> list[str]:
     """The markdown table of the Evaluation section."""
     splits = metrics["splits"]
@@ -365,12 +382,8 @@ def _report_lines(metrics: dict) -> list[str]:
             f"{s} {splits[s]['num_mismatched']} mismatched captions, {splits[s]['folds']} folds"
             for s in splits
         )
-        + ". CLIP-style score: max(mean(100 * cos), 0), as torchmetrics. Frechet distances "
-        "(probe_fd, contrastive_fd, FID) and KID, precision and recall compare with the real "
-        "images of the same captions; their real column compares real images of other "
-        "examples of the split ('-' when the split has too few). Attribute accuracy: the "
-        "probe's reading of each image against the attributes its caption names. Real "
-        "columns: the same measures on the data set's own images of those captions.",
+        + ". CLIP-style score: max(mean(100 * cos), 0), as torchmetrics. "
+        + _comparison_note(first["generated"]),
         "",
         *(f"![{s}](eval/samples_{s}.png)" for s in splits),
         "",
