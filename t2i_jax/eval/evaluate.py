@@ -5,8 +5,9 @@ examples (at most the split's size) of `validation` and, where the data set has 
 `compositional` (t2i_shapes scenes with held-out shape-colour pairs), from the run's EMA
 parameters with the sample options of the run's config, and measures per split:
 
-- R-precision (99 mismatched captions of the split, or fewer when `num` is small; 10 folds)
-  and the CLIP-style score of the data set's contrastive encoder;
+- R-precision (99 mismatched captions of the split, or fewer when `num` is small; 10 folds;
+  mismatched = stating something else, `evaluators.caption_ids`) and the CLIP-style score
+  of the data set's contrastive encoder;
 - contrastive_fd: Frechet distance in that encoder's image space between the generated
   images and the real images of the same examples (no downloaded weights);
 - with pytorch-fid's Inception weights (`inception_weights`, else torch's hub cache; skipped
@@ -38,7 +39,7 @@ from t2i_jax.batching import map_in_batches, padded_batches
 from t2i_jax.data import sources
 from t2i_jax.data.examples import Examples, load_examples
 from t2i_jax.errors import UserError
-from t2i_jax.eval.evaluators import Evaluators, load_evaluators
+from t2i_jax.eval.evaluators import Evaluators, caption_ids, load_evaluators
 from t2i_jax.grid import save_grid, to_uint8
 from t2i_jax.metrics import alignment, fid
 from t2i_jax.metrics.fid import FidInception
@@ -103,6 +104,7 @@ def measure(
     examples: Examples,
     *,
     text_emb: np.ndarray,
+    text_ids: np.ndarray,
     reference: RealReference | None,
     num_mismatched: int,
     folds: int,
@@ -126,7 +128,7 @@ def measure(
         img_emb,
         text_emb,
         seed=seed,
-        text_ids=alignment.text_ids_of(examples.captions),
+        text_ids=text_ids,
         num_mismatched=num_mismatched,
         folds=folds,
     )
@@ -234,9 +236,10 @@ def evaluate_run(
             others = load_examples(builder, split, 2 * count).images[count:]
             floor = _reference(evaluators, others, inception)
         text_emb = evaluators.embed_texts(examples.captions)
-        ids = alignment.text_ids_of(examples.captions)
+        ids = caption_ids(data.name, examples)
         common = {
             "text_emb": text_emb,
+            "text_ids": ids,
             "num_mismatched": min(99, alignment.max_mismatched(ids)),
             "folds": min(10, count),
             "seed": seed,

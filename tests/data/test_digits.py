@@ -60,3 +60,22 @@ def test_two_builds_are_identical(built):
         for a, b in zip(first[s], second[s], strict=True):
             np.testing.assert_array_equal(a["image"], b["image"])
             assert a["caption"] == b["caption"]
+
+
+def test_r_precision_mismatches_are_other_digits_not_other_wordings(built):
+    """The same digit in another template is not a mismatched caption for R-precision."""
+    from t2i_jax.data.examples import load_examples
+    from t2i_jax.eval.evaluators import caption_ids
+    from t2i_jax.metrics import alignment
+
+    builder, _ = built
+    examples = load_examples(builder, "validation", 60)
+    ids = caption_ids("digits", examples)
+    digits = np.asarray(examples.attributes["digit"])
+    for i in range(len(ids)):
+        np.testing.assert_array_equal(ids == ids[i], digits == digits[i])
+    # By text alone several wordings of one digit would count as different captions.
+    assert len(set(alignment.text_ids_of(examples.captions))) > len(set(ids.tolist()))
+    # Other data sets: captions of other text, as before.
+    shapes_like = caption_ids("photos", examples)
+    np.testing.assert_array_equal(shapes_like, alignment.text_ids_of(examples.captions))
