@@ -41,6 +41,7 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/metrics_speed.py
+	$(BIN)/python benchmarks/input_pipeline.py --step-batch 32
 
 clean-demo:
 	rm -rf $(WORKDIR)
