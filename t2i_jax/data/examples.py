@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 
 from t2i_jax import rng
 from t2i_jax.data import shapes, sources
+from t2i_jax.data.image_decode import square_image
 from t2i_jax.errors import DataError
 
 READ_CHUNK = 1024
@@ -30,14 +30,13 @@ class Examples:
     def __len__(self) -> int:
         return len(self.captions)
 
-
-def resize_image(image: np.ndarray, size: int | None) -> np.ndarray:
-    """uint8 [H, W, 3] at size x size (Pillow's antialiased bicubic); as is when it is
-    already that size or size is None."""
-    image = np.asarray(image, np.uint8)
-    if size is None or image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    def head(self, num: int) -> Examples:
+        """The first `num` examples."""
+        return Examples(
+            self.images[:num],
+            self.captions[:num],
+            {k: v[:num] for k, v in self.attributes.items()},
+        )
 
 
 def load_examples(
@@ -52,11 +51,14 @@ def load_examples(
     images, records = [], []
     for start in range(0, num, READ_CHUNK):  # large sources resize as they are read
         chunk = source.__getitems__(list(range(start, min(num, start + READ_CHUNK))))
-        images += [resize_image(r["image"], image_size) for r in chunk]
+        images += [
+            r["image"] if image_size is None else square_image(r["image"], image_size)
+            for r in chunk
+        ]
         records += [{k: v for k, v in r.items() if k != "image"} for r in chunk]
     where = f"{builder.name} {split}"
     return Examples(
-        images=np.stack(images),
+        images=np.stack(images).astype(np.uint8, copy=False),
         captions=[
             sources.decode_caption(r["caption"], f"{where}[{i}]") for i, r in enumerate(records)
         ],

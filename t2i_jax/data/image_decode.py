@@ -87,6 +87,17 @@ def resize_and_crop(image: Image.Image, size: int, crop: str, seed: int) -> np.n
     return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
 
 
+def square_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] (or [H, W, 1], [H, W]) -> [size, size, 3]: `resize_and_crop` with a
+    centre crop; an RGB image already size x size is returned as is."""
+    image = np.asarray(image, np.uint8)
+    if image.shape == (size, size, 3):
+        return image
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return resize_and_crop(Image.fromarray(image).convert("RGB"), size, "center", seed=0)
+
+
 def decode_image(
     data: bytes, *, size: int, crop: str, seed: int, min_size: int
 ) -> tuple[np.ndarray | None, str | None]:

@@ -30,9 +30,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from t2i_jax.data.image_decode import resize_and_crop
+from t2i_jax.data.image_decode import square_image
 from t2i_jax.errors import DataError
 
 VARIANTS = {"default": 64, "32x32": 32, "64x64": 64, "128x128": 128, "256x256": 256}
@@ -66,15 +65,6 @@ def imagenet_class_names() -> tuple[str, ...]:
         names = tuple(line.strip() for line in f if line.strip())
     assert len(names) == 1000, path
     return names
-
-
-def square_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] (or [H, W, 1]) -> [size, size, 3]: shorter side resized, centre crop."""
-    image = np.asarray(image, np.uint8)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    pil = Image.fromarray(image).convert("RGB")
-    return resize_and_crop(pil, size, "center", seed=0)
 
 
 def imagenet_record(raw: dict, size: int) -> dict:
@@ -184,8 +174,9 @@ class PublicDataSet:
         self.tfds_dir = os.path.expanduser(data_dir)
         self.data_dir = os.path.join(self.tfds_dir, ASSETS_DIRNAME, name, self.variant)
         self._sources: dict[str, PublicSource] = {}
+        # "captions": every record carries all of its image's (`sources.has_several_captions`).
         features = {"image": types.SimpleNamespace(shape=(self.image_size,) * 2 + (3,)),
-                    "caption": None, "captions": None}  # fmt: skip
+                    "captions": None}  # fmt: skip
         self.info = types.SimpleNamespace(
             features=features,
             full_name=f"{name}/{self.variant}",

@@ -105,8 +105,6 @@ def has_several_captions(builder: tfds.core.DatasetBuilder) -> bool:
 
 def split_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """Every caption of `split`, in record order (all of an image's, where it has several)."""
-    if isinstance(builder, PublicDataSet) and split == "train":
-        return builder.training_captions()
     source = builder.as_data_source(split)
     key = "captions" if has_several_captions(builder) else "caption"
     out = []
@@ -128,4 +126,7 @@ def first_captions(builder: tfds.core.DatasetBuilder, num: int) -> list[str]:
 
 
 def training_captions(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """What the tokenizer is trained on; a public set gives them without decoding images."""
+    if isinstance(builder, PublicDataSet):
+        return builder.training_captions()
     return split_captions(builder, "train")

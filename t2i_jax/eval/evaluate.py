@@ -90,40 +90,48 @@ INCEPTION_BATCH = 50  # pytorch-fid's default batch
 
 
 @dataclasses.dataclass(frozen=True)
-class RealReference:
-    """Features of the real images a split's generated images are compared with."""
+class ImageFeatures:
+    """What the evaluators read from one set of images, computed once per set: the real
+    images of a split serve both as the generated images' reference and as the real column."""
 
-    probe: np.ndarray | None  # the probe's features (t2i_shapes)
+    probe_preds: dict[str, np.ndarray] | None  # the probe's attribute readings (t2i_shapes)
+    probe: np.ndarray | None  # the probe's features
     contrastive: np.ndarray  # the contrastive encoder's image embeddings
-    inception: np.ndarray | None  # Inception pool3 features
+    pool: np.ndarray | None  # Inception pool3 features (with Inception weights)
+    logits: np.ndarray | None  # Inception logits
+
+
+def features_of(
+    evaluators: Evaluators, images: np.ndarray, inception: FidInception | None
+) -> ImageFeatures:
+    preds, probe = evaluators.probe_outputs(images) if evaluators.has_probe else (None, None)
+    pool, logits = (None, None) if inception is None else inception_outputs(inception, images)
+    return ImageFeatures(preds, probe, evaluators.embed_images(images), pool, logits)
 
 
 def measure(
-    evaluators: Evaluators,
-    images: np.ndarray,
+    features: ImageFeatures,
     examples: Examples,
     *,
     text_emb: np.ndarray,
     text_ids: np.ndarray,
-    reference: RealReference | None,
+    reference: ImageFeatures | None,
     num_mismatched: int,
     folds: int,
     seed: int,
-    inception: FidInception | None,
 ) -> dict:
-    """All measures of `images` (one per example of `examples`)."""
+    """All measures of images (one per example of `examples`) from their `features`;
+    the distances to `reference` (None: those are None or left out)."""
     out: dict = {}
-    if evaluators.has_probe:
-        preds, features = evaluators.probe_outputs(images)
+    if features.probe is not None:
         acc = alignment.attribute_accuracy()
         mask = alignment.named_attributes(examples.attributes)
+        preds = features.probe_preds
         accuracy = acc.compute(acc.update(acc.init(), preds, examples.attributes, mask))
         accuracy.pop("count")
         out["attribute_accuracy"] = {k: v for k, v in accuracy.items() if not math.isnan(v)}
-        out["probe_fd"] = (
-            None if reference is None else _frechet(features, reference.probe)
-        )  # fmt: skip
-    img_emb = evaluators.embed_images(images)
+        out["probe_fd"] = None if reference is None else _frechet(features.probe, reference.probe)
+    img_emb = features.contrastive
     rp = alignment.r_precision(
         img_emb,
         text_emb,
@@ -143,19 +151,19 @@ def measure(
             "clip_score_pair_clamp": alignment.clip_score(img_emb, text_emb, clamp="pair"),
         }
     )
-    if inception is not None:
-        pool, logits = inception_outputs(inception, images)
-        splits = min(10, len(images))
+    if features.pool is not None:
+        n = len(features.pool)
         out["inception_score"], out["inception_score_std"] = inception_score(
-            logits, seed=seed, splits=splits
+            features.logits, seed=seed, splits=min(10, n)
         )
         if reference is not None:
-            out["fid"] = _frechet(pool, reference.inception)
+            out["fid"] = _frechet(features.pool, reference.pool)
             out["kid"], out["kid_std"] = kernel_inception_distance(
-                reference.inception, pool, seed=seed, subset_size=min(1000, len(images))
+                reference.pool, features.pool, seed=seed, subset_size=min(1000, n)
             )
-            k = min(3, len(images) - 1)
-            out["precision"], out["recall"] = precision_recall(reference.inception, pool, k=k)
+            out["precision"], out["recall"] = precision_recall(
+                reference.pool, features.pool, k=min(3, n - 1)
+            )
     return out
 
 
@@ -218,7 +226,10 @@ def evaluate_run(
         count = min(num, size)
         if count < 2:
             raise UserError(f"{data.name} {split} has {size} examples; evaluation needs 2")
-        examples = load_examples(builder, split, count)
+        # The next `count` examples, when the split has them, are the real-vs-real floor of
+        # the distances at this sample size; read in the same pass.
+        loaded = load_examples(builder, split, 2 * count if size >= 2 * count else count)
+        examples = loaded.head(count)
         images = generate(
             sampler,
             state.ema_params,
@@ -229,12 +240,10 @@ def evaluate_run(
             key=jax.random.fold_in(eval_key, split_index),
             batch_size=batch_size,
         )
-        reference = _reference(evaluators, examples.images, inception)
-        # Real vs real on other examples of the split: the Frechet floor at this sample size.
+        real = features_of(evaluators, examples.images, inception)
         floor = None
-        if size >= 2 * count:
-            others = load_examples(builder, split, 2 * count).images[count:]
-            floor = _reference(evaluators, others, inception)
+        if len(loaded) > count:
+            floor = features_of(evaluators, loaded.images[count:], inception)
         text_emb = evaluators.embed_texts(examples.captions)
         ids = caption_ids(data.name, examples)
         common = {
@@ -243,8 +252,8 @@ def evaluate_run(
             "num_mismatched": min(99, alignment.max_mismatched(ids)),
             "folds": min(10, count),
             "seed": seed,
-            "inception": inception,
         }
+        generated = features_of(evaluators, images, inception)
         results[split] = {
             "count": count,
             "num_mismatched": common["num_mismatched"],
@@ -252,10 +261,10 @@ def evaluate_run(
             "real_reference": {
                 "split": split,
                 "count": count,
-                "contrastive_stats_digest": stats_of(reference.contrastive).digest(),
+                "contrastive_stats_digest": stats_of(real.contrastive).digest(),
             },
-            "generated": measure(evaluators, images, examples, reference=reference, **common),
-            "real": measure(evaluators, examples.images, examples, reference=floor, **common),
+            "generated": measure(generated, examples, reference=real, **common),
+            "real": measure(real, examples, reference=floor, **common),
         }
         columns = min(count, GRID_COLUMNS)
         grid = np.stack([images[:columns], examples.images[:columns]], axis=1)
@@ -287,27 +296,19 @@ def evaluate_run(
     return metrics
 
 
-def _reference(evaluators: Evaluators, images: np.ndarray, inception) -> RealReference:
-    return RealReference(
-        probe=evaluators.probe_outputs(images)[1] if evaluators.has_probe else None,
-        contrastive=evaluators.embed_images(images),
-        inception=None if inception is None else inception_outputs(inception, images)[0],
-    )
-
-
 PROTOCOL = {
     "attribute_accuracy": "probe's attributes vs those the caption names (t2i_shapes)",
     "probe_fd": "Frechet distance in the attribute probe's feature space, generated vs real "
     "images of the same examples",
     "contrastive_fd": "Frechet distance in the contrastive encoder's image space, generated "
     "vs real images of the same examples",
-    "r_precision": "true caption vs num_mismatched captions of other text from the split, "
-    "cosine, top-1, mean/std over folds",
+    "r_precision": "true caption vs num_mismatched captions of the split that state something "
+    "else (other text; for digits another digit), cosine, top-1, mean/std over folds",
     "clip_score": "max(mean(100 * cos), 0) as torchmetrics; clip_score_pair_clamp: "
     "mean(max(100 * cos, 0))",
     "fid": "pytorch-fid's Inception pool3, generated vs real images of the same examples",
     "kid": "polynomial-kernel MMD on the same features, 100 subsets (torchmetrics)",
-    "inception_score": "exp(E KL(p(y|x) || p(y))), min(10, N) splits, torch-fidelity's convention",
+    "inception_score": "exp(E KL(p(y|x) || p(y))), min(10, N) splits, torchmetrics' convention",
     "precision": "improved precision/recall (Kynkaanniemi et al.), k=3, pool3 features",
 }
 

@@ -45,13 +45,8 @@ from safetensors.numpy import load_file, save_file
 
 from t2i_jax.batching import map_in_batches
 from t2i_jax.data import sources
-from t2i_jax.data.examples import (
-    Examples,
-    concat,
-    held_out_scenes,
-    load_examples,
-    resize_image,
-)
+from t2i_jax.data.examples import Examples, concat, held_out_scenes, load_examples
+from t2i_jax.data.image_decode import square_image
 from t2i_jax.errors import DataError
 from t2i_jax.eval.evaluator_training import (
     CONTRASTIVE_CONFIG,
@@ -136,7 +131,7 @@ class Evaluators:
         images = np.asarray(images, np.uint8)
         if self.image_size is None or images.shape[1:3] == (self.image_size,) * 2:
             return images
-        return np.stack([resize_image(im, self.image_size) for im in images])
+        return np.stack([square_image(im, self.image_size) for im in images])
 
     def probe_outputs(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """uint8 images [N, H, W, 3] -> (predicted attribute values [N] by name, features)."""

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from helpers import REPO
 
 from t2i_jax import cli, rng
-from t2i_jax.data import public, sources
+from t2i_jax.data import image_decode, public, sources
 from t2i_jax.errors import DataError
 from t2i_jax.text.tokenizer import prepare_tokenizer
 from t2i_jax.train import input_pipeline
@@ -61,7 +61,9 @@ def test_imagenet2012_records_from_tfds_data_source(mock_tfds, tmp_path):
         assert record["captions"] == public.templated_captions(name)
         assert record["caption"] == record["captions"][0]
         assert record["image"].shape == (SIZE, SIZE, 3) and record["image"].dtype == np.uint8
-        np.testing.assert_array_equal(record["image"], public.square_image(raw[i]["image"], SIZE))
+        np.testing.assert_array_equal(
+            record["image"], image_decode.square_image(raw[i]["image"], SIZE)
+        )
     # The tokenizer's captions: every template over every class, not the records.
     assert len(sources.training_captions(dataset)) == 1000 * len(public.TEMPLATES)
     assert os.path.isdir(os.path.join(str(tmp_path), "t2i_jax", "imagenet2012", "32x32"))
@@ -70,11 +72,11 @@ def test_imagenet2012_records_from_tfds_data_source(mock_tfds, tmp_path):
 def test_square_image_resizes_the_shorter_side_and_crops_the_centre():
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, 10:70] = 255  # white beyond the centre 40 columns by more than the filter
-    out = public.square_image(image, 20)
+    out = image_decode.square_image(image, 20)
     assert out.shape == (20, 20, 3)
     assert out.min() == 255  # only the white centre is kept
-    assert public.square_image(image[:, :40], 20).min() == 0  # not a no-op
-    grey = public.square_image(np.full((10, 12, 1), 7, np.uint8), 8)
+    assert image_decode.square_image(image[:, :40], 20).min() == 0  # not a no-op
+    grey = image_decode.square_image(np.full((10, 12, 1), 7, np.uint8), 8)
     assert grey.shape == (8, 8, 3) and (grey == 7).all()
 
 
