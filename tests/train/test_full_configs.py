@@ -32,11 +32,33 @@ FULL = {
 }
 BUDGET = 64 * 2**30
 COMMAND = "gan_shapes.py"  # the one compiled through `t2i compile`
+IMPORTED = "images.py"  # every family on imported data, with the full variants above
 
 
 def test_every_experiment_has_its_full_variant_here():
     experiments = {p for p in os.listdir(os.path.join(REPO, "experiments")) if p.endswith(".py")}
-    assert experiments == set(FULL)
+    assert experiments == set(FULL) | {IMPORTED}
+
+
+@pytest.mark.parametrize("family", ["diffusion", "gan", "vae", "vqvae", "ldm"])
+def test_imported_images_full_variant_is_its_familys_on_other_data(family):
+    """`images.py:FAMILY-full` is FAMILY's full experiment (compiled above) with the data,
+    the tokenizer's size and the grid prompts replaced, so it needs no compile of its own."""
+    path = os.path.join(REPO, "experiments", IMPORTED)
+    own = config_lib.load_config(f"{path}:{family}-full")
+    base_file = {"diffusion": "diffusion_shapes.py", "ldm": "ldm_shapes.py"}.get(
+        family, f"{family}_shapes.py"
+    )
+    base = config_lib.load_config(os.path.join(REPO, "experiments", f"{base_file}:full"))
+    assert own.data.image_size == FULL[base_file]
+    assert own.data.name == "images" and base.data.name == "t2i_shapes"
+    replaced = {"data", "sample", "text"}
+    if family == "ldm":
+        replaced.add("ldm")
+    plain = lambda value: value.to_dict() if hasattr(value, "to_dict") else value  # noqa: E731
+    for key in set(base.keys()) - replaced:
+        assert plain(own[key]) == plain(base[key]), key
+    assert own.text.encoder == base.text.encoder and own.text.max_len >= base.text.max_len
 
 
 @pytest.mark.parametrize("experiment", sorted(FULL))
