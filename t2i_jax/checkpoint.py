@@ -21,6 +21,9 @@ ocp.type_handlers.register_type_handler(
 )
 
 
+META = "meta"  # the checkpoint item of the run's counters
+
+
 class Checkpointer:
     """Saves the state and the data iterator's position at a step; keeps the last
     `max_to_keep`.
@@ -54,11 +57,33 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator: grain.PyGrainDatasetIterator | None) -> None:
+    def save(
+        self,
+        step: int,
+        state,
+        data_iterator: grain.PyGrainDatasetIterator | None,
+        meta: dict | None = None,
+    ) -> None:
+        """`meta`: the run's small JSON counters (skipped steps, rollbacks) at `step`."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+        if meta:
+            items[META] = ocp.args.JsonSave(meta)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore_meta(self, step: int) -> dict:
+        """The counters saved with `step` ({} for a checkpoint written without any)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), META)):
+            return {}
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+            )
+        except Exception as e:  # orbax raises many types for unreadable files
+            where = os.path.join(self.directory, str(step), META)
+            raise CheckpointError(f"cannot read {where}: {e}") from e
+        return dict(restored[META])
 
     def wait(self) -> None:
         """Until the last save is on disk (at once when saves are synchronous)."""

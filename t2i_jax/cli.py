@@ -36,6 +36,7 @@ from t2i_jax.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
+EXIT_NONFINITE = 3  # updates stayed NaN/Inf after a rollback (train/nonfinite.py)
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -267,6 +268,7 @@ def _train(args, overrides: list[str]) -> int:
     from t2i_jax import config as config_lib
     from t2i_jax.train import multihost
     from t2i_jax.train.loop import Preempted, train_and_evaluate
+    from t2i_jax.train.nonfinite import NonFiniteError
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
@@ -283,6 +285,9 @@ def _train(args, overrides: list[str]) -> int:
     except Preempted as e:
         print(f"t2i: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except NonFiniteError as e:
+        print(f"t2i: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     print(f"report: {args.workdir.rstrip('/')}/report.md")
     return 0
 
@@ -574,6 +579,7 @@ def _eval(args) -> int:
 def _ablate(args, overrides: list[str]) -> int:
     from t2i_jax.eval.ablate import run_sweep
     from t2i_jax.train.loop import Preempted
+    from t2i_jax.train.nonfinite import NonFiniteError
 
     if args.eval and args.num < 2:
         raise UserError(f"--num must be at least 2, got {args.num}")
@@ -590,6 +596,9 @@ def _ablate(args, overrides: list[str]) -> int:
     except Preempted as e:
         print(f"t2i: {e}; run the same command to continue the sweep", file=sys.stderr)
         return EXIT_PREEMPTED
+    except NonFiniteError as e:
+        print(f"t2i: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     print(f"results: {os.path.join(args.workdir, 'results.md')}")
     return 0
 

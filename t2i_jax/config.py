@@ -140,6 +140,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = get_key(config, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"config key '{key}' must be a positive int, got {value!r}")
+    skips = config.train.get("max_consecutive_skips", 1)
+    if isinstance(skips, bool) or not isinstance(skips, int) or skips <= 0:
+        raise ConfigError(
+            f"config key 'train.max_consecutive_skips' must be a positive int, got {skips!r}"
+        )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -137,6 +137,10 @@ def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t.param_dtype = "float32"  # float32 | bfloat16 (bfloat16 loses updates < 2^-8 of a weight)
     t.remat = "none"  # none | blocks | full (t2i_jax/remat.py)
     t.grad_accum_steps = 1  # microbatches per step, same result (methods/microbatches.py)
+    # A step whose loss or gradients are NaN/Inf is skipped (train/nonfinite.py); after
+    # this many in a row the run rolls back to its last checkpoint once, then stops (exit 3).
+    t.skip_nonfinite = True
+    t.max_consecutive_skips = 10
     t.eval_every = 0  # validation metrics every N steps, for methods with any (0: off)
     t.eval_batches = 8  # validation batches per evaluation (file order)
     t.update(overrides)  # The experiment's own defaults; `test` is the same for all.

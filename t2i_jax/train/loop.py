@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext, TextSetup, params_digest
-from t2i_jax.train import input_pipeline, multihost, report, throughput
+from t2i_jax.train import input_pipeline, multihost, nonfinite, report, throughput
 from t2i_jax.train.logging import MetricWriter
 from t2i_jax.train.validation import make_validator
 
@@ -77,6 +78,12 @@ class _StopOnSignal:
 
 class Preempted(Exception):
     """Raised after the checkpoint on a stop signal is written; the CLI exits non-zero."""
+
+
+def noise_stream(seed: int, rollbacks: int) -> jax.Array:
+    """The training noise: the run's own stream, another one after each rollback (a
+    non-finite streak on the same noise would likely repeat)."""
+    return rng.stream_key(seed, "noise" if not rollbacks else f"noise/rollback-{rollbacks}")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -141,7 +148,9 @@ class TrainFunctions:
     run's frozen weights placed on the mesh (every call's last argument)."""
 
     init_fn: Callable  # jit: (key, frozen) -> TrainState
-    step_fn: Callable  # jit: (state, batch, key, frozen) -> (state, metrics), state donated
+    # jit: (state, batch, key, frozen) -> (state, metrics), state donated; under
+    # `train.skip_nonfinite` the metrics include nonfinite.NONFINITE (train/nonfinite.py).
+    step_fn: Callable
     abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore target)
     batch_sharding: jax.sharding.NamedSharding
     frozen: Frozen
@@ -182,8 +191,11 @@ def compile_functions(
         return nn.unbox(method.init(key, zeros, frozen))  # logical axes read by abstract_state
 
     init_fn = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=state_sharding)
+    train_step = method.train_step
+    if config.train.get("skip_nonfinite", True):
+        train_step = nonfinite.guard(train_step)
     step_fn = jax.jit(
-        method.train_step,
+        train_step,
         in_shardings=(state_sharding, batch_sharding, replicated, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
@@ -218,6 +230,17 @@ def _throughput_meter(method: Method, fns: TrainFunctions, config, mesh) -> thro
     peak, source = throughput.device_peak(mesh.devices.flat[0])
     log.info("train step: %.4g FLOPs; device peak %.4g FLOP/s (%s)", flops, peak, source)
     return throughput.Throughput(config.train.batch_size, flops, mesh.size, peak)
+
+
+def _streak_reached(streak: nonfinite.Streak, unread: list[tuple], limit: int) -> bool:
+    """Reads the skip flags of `unread` (step, metrics) in order; True once `limit` steps in
+    a row were skipped (the steps after it are not read)."""
+    for step, metrics in unread:
+        if streak.record(step, metrics) and streak.in_a_row == 1:
+            log.warning("step %d skipped: %s non-finite", step, ", ".join(streak.bad_metrics))
+        if streak.in_a_row >= limit:
+            return True
+    return False
 
 
 def train_and_evaluate(
@@ -269,13 +292,19 @@ def train_and_evaluate(
     writer = MetricWriter(workdir, enabled=primary)
     try:
         latest = checkpointer.latest_step()
+        meta: dict = {}
         if latest is not None:
             state = checkpointer.restore(latest, fns.abstract_state, data_iter)
+            meta = checkpointer.restore_meta(latest)
             writer.truncate_after(latest)
             log.info("resumed from step %d", latest)
         else:
             state = fns.init(rng.stream_key(config.seed, "params"))
-        noise_stream = rng.stream_key(config.seed, "noise")
+        guarded = config.train.get("skip_nonfinite", True)
+        max_skips = config.train.get("max_consecutive_skips", 10)
+        streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
+        rollbacks = meta.get("rollbacks", 0)
+        noise = noise_stream(config.seed, rollbacks)
         # No prompts in the config (imported data): the first validation captions.
         prompts = list(config.sample.prompts) or sources.first_captions(builder, PROMPTS)
         step = int(sharding.to_host(state.step))
@@ -310,6 +339,9 @@ def train_and_evaluate(
                 save_grid(path, images, prompts)
             return path
 
+        def counters() -> dict:
+            return {"skipped_steps": streak.total, "rollbacks": rollbacks} if guarded else {}
+
         last_metrics: dict = {}
         progress = tqdm(
             total=total,
@@ -319,16 +351,63 @@ def train_and_evaluate(
             desc="train",
         )
         meter = _throughput_meter(method, fns, config, mesh)
+        pending = None  # (step, metrics) of a dispatched step whose skip flag is unread
         with _StopOnSignal() as stop:
             while step < total:
                 batch = input_pipeline.to_global(next(data_iter), fns.batch_sharding)
-                state, metrics = fns.train_step(state, batch, rng.step_key(noise_stream, step))
+                state, metrics = fns.train_step(state, batch, rng.step_key(noise, step))
                 step += 1
                 meter.step()
                 progress.update(1)
+                log_now = step % config.train.log_every == 0 or step == total
+                if guarded:
+                    # The previous step's flag (done by now: the loop runs one step ahead);
+                    # this one's too when it is logged, since logging waits for it anyway.
+                    unread = [pending] if pending is not None else []
+                    pending = (step, metrics)
+                    if log_now:
+                        unread.append(pending)
+                        pending = None
+                    if _streak_reached(streak, unread, max_skips):
+                        if rollbacks:
+                            raise nonfinite.NonFiniteError(
+                                f"training stopped at step {streak.last_bad_step}: "
+                                f"{streak.describe()}, after its one rollback; the "
+                                f"checkpoints in {checkpointer.directory} are as they were"
+                            )
+                        checkpointer.wait()
+                        back = checkpointer.latest_step()
+                        log.warning(
+                            "%s: rolling back to %s on another noise stream",
+                            streak.describe(),
+                            f"step {back}" if back is not None else "the start",
+                        )
+                        if back is None:
+                            state = fns.init(rng.stream_key(config.seed, "params"))
+                            data_iter = iter(loader)
+                            meta = {}
+                        else:
+                            state = checkpointer.restore(back, fns.abstract_state, data_iter)
+                            meta = checkpointer.restore_meta(back)
+                        # The run as if it had been restarted there: its counters too.
+                        streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
+                        pending = None
+                        step = back or 0
+                        writer.truncate_after(step)
+                        rollbacks += 1
+                        noise = noise_stream(config.seed, rollbacks)
+                        progress.reset(total=total)
+                        progress.update(step)
+                        meter = _throughput_meter(method, fns, config, mesh)
+                        continue
                 row, perf = {}, None
-                if step % config.train.log_every == 0 or step == total:
-                    row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+                if log_now:
+                    host = sharding.to_host(metrics)
+                    row = {k: float(v) for k, v in host.items() if k != nonfinite.NONFINITE}
+                    if int(host.get(nonfinite.NONFINITE, 0)):  # a skipped step's NaNs
+                        row = {k: v for k, v in row.items() if math.isfinite(v)}
+                    if streak.total:
+                        row["skipped_steps"] = float(streak.total)
                     perf = meter.measure()  # the host waited for the step just above
                 if validate is not None and (step % eval_every == 0 or step == total):
                     row.update(validate(state.ema_params))
@@ -342,7 +421,7 @@ def train_and_evaluate(
                     progress.set_postfix(**shown)
                 stopped = stop.agreed()
                 if step % config.train.checkpoint_every == 0 or step == total or stopped:
-                    checkpointer.save(step, state, data_iter)
+                    checkpointer.save(step, state, data_iter, counters())
                 if step % config.train.sample_every == 0 and step != total:
                     sample_grid(step)
                 if stopped and step < total:

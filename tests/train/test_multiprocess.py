@@ -20,7 +20,7 @@ from t2i_jax.methods import registry
 from t2i_jax.runs import frozen_store
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import input_pipeline, loop, multihost
+from t2i_jax.train import input_pipeline, loop, multihost, nonfinite
 
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
@@ -90,7 +90,8 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
         batch = input_pipeline.to_global(batch, fns.batch_sharding)
         state, metrics = fns.train_step(state, batch, rng.step_key(noise, step))
         if (step + 1) % config.train.log_every == 0 or step + 1 == num_steps:
-            logged[step + 1] = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+            host = sharding.to_host(metrics)
+            logged[step + 1] = {k: float(v) for k, v in host.items() if k != nonfinite.NONFINITE}
     return logged
 
 
