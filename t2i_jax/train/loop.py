@@ -38,7 +38,14 @@ from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext, TextSetup, params_digest
-from t2i_jax.train import input_pipeline, multihost, nonfinite, report, throughput
+from t2i_jax.train import (
+    input_pipeline,
+    multihost,
+    nonfinite,
+    report,
+    throughput,
+    workdir_lock,
+)
 from t2i_jax.train.logging import MetricWriter
 from t2i_jax.train.validation import make_validator
 
@@ -253,6 +260,12 @@ def train_and_evaluate(
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
     os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir, enabled=primary):  # one job writes a workdir
+        return _train(config, workdir, devices=devices, show_progress=show_progress)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_progress) -> dict:
+    primary = jax.process_index() == 0
     builder = sources.prepare_for_run(config.data)
     text = build_text(config, TextContext(workdir, builder, config.seed))
     method = registry.build_method(config, text)
