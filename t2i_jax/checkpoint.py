@@ -1,7 +1,20 @@
-"""orbax checkpoints holding the train state and the data iterator's position together."""
+"""orbax checkpoints holding the train state and the data iterator's position together.
+
+Reading falls back past unreadable checkpoints: `restore_newest` tries the newest step
+first and skips, with a warning naming it and why, a step directory without orbax's
+commit marker (a save cut short) or one whose files cannot be read (truncated, missing,
+garbage metadata); the run goes on from the newest readable one. A checkpoint that reads
+but holds another model (the config changed) is an error, not a fallback: every older one
+would hold it too. A trainer moves the skipped ones aside to `corrupt-STEP/` (so its next
+save of that step does not collide), and only once a readable one was found: when none is,
+nothing is moved and the error lists each step and why.
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import logging
 import os
 
 import grain.python as grain
@@ -11,6 +24,27 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from t2i_jax.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the final rename
+SET_ASIDE_PREFIX = "corrupt-"
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint whose arrays are not those of the run's model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `restore_newest` read: the step, its state and counters, and the newer steps
+    it skipped with the reason for each."""
+
+    step: int
+    state: object
+    meta: dict
+    skipped: tuple[tuple[int, str], ...] = ()
+
 
 # A replicated array is written whole by its first replica. orbax's default on CPU and TPU
 # splits each one into per-replica slices on device first: one dispatched (and, per shape,
@@ -57,6 +91,88 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def check_complete(self, step: int) -> None:
+        """CheckpointError if the step directory lacks the commit marker."""
+        if not os.path.isfile(os.path.join(self.step_dir(step), COMMIT_MARKER)):
+            raise CheckpointError(f"{self.step_dir(step)}: no {COMMIT_MARKER} (a save cut short)")
+
+    def check_fits(self, step: int, abstract_state) -> None:
+        """CheckpointMismatch if the step's arrays (their shapes) are not the model's; a
+        CheckpointError if its metadata cannot be read."""
+        where = os.path.join(self.step_dir(step), "state")
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(where)).tree
+        except Exception as e:  # orbax raises many types for unreadable metadata
+            raise CheckpointError(f"cannot read {where}: {_first_line(e)}") from e
+        stored = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(tree))
+        wanted = collections.Counter(tuple(s.shape) for s in jax.tree.leaves(abstract_state))
+        if stored != wanted:
+            extra = sorted((stored - wanted).elements())[:3]
+            missing = sorted((wanted - stored).elements())[:3]
+            raise CheckpointMismatch(
+                f"checkpoint {self.step_dir(step)} holds another model than this run's "
+                f"config builds ({sum(stored.values())} arrays vs {sum(wanted.values())}; "
+                f"shapes only there: {extra}, only in the config: {missing}): was the "
+                "config or the method changed?"
+            )
+
+    def restore_newest(
+        self, abstract_state, data_iterator=None, *, set_aside: bool = False
+    ) -> Restored | None:
+        """The newest readable checkpoint (None when there is none at all); newer
+        unreadable ones are skipped and, with `set_aside`, moved to `corrupt-STEP/`.
+        CheckpointError when checkpoints exist and none is readable (nothing is moved),
+        CheckpointMismatch for one that holds another model."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        skipped: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                self.check_complete(step)
+                self.check_fits(step, abstract_state)
+                state = self.restore(step, abstract_state, data_iterator)
+                meta = self.restore_meta(step)
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s: %s", self.step_dir(step), e)
+                skipped.append((step, str(e)))
+                continue
+            if skipped:
+                log.warning("using checkpoint %s", self.step_dir(step))
+                if set_aside:
+                    self._set_aside([s for s, _ in skipped])
+            return Restored(step, state, meta, tuple(skipped))
+        if skipped:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)
+            raise CheckpointError(f"no readable checkpoint in {self.directory} ({reasons})")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to corrupt-STEP[-N] (process 0; every
+        process then re-reads the directory)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}")
+                n = 1
+                while os.path.exists(target):
+                    n += 1
+                    target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}-{n}")
+                try:
+                    os.rename(self.step_dir(step), target)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"cannot move {self.step_dir(step)} aside: {e.strerror}"
+                    ) from e
+                log.warning("moved the unreadable %s to %s", self.step_dir(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("t2i checkpoints set aside")
+        self.manager.reload()
+
     def save(
         self,
         step: int,
@@ -98,8 +214,7 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for unreadable or mismatched files.
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot restore checkpoint {where}: {first_line[:300]}") from e
+            raise CheckpointError(f"cannot restore checkpoint {where}: {_first_line(e)}") from e
         return restored["state"]
 
     def close(self) -> None:
@@ -108,29 +223,44 @@ class Checkpointer:
         self.manager.close()
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
 def read_latest_arrays(directory: str, item: str = "state") -> dict:
-    """The latest checkpoint's `item` as nested dicts of numpy arrays, read without a
-    method or mesh (whatever mesh it was saved from): how a run reads another run's
-    weights."""
+    """The newest readable checkpoint's `item` as nested dicts of numpy arrays, read
+    without a method or mesh (whatever mesh it was saved from): how a run reads another
+    run's weights. Unreadable newer checkpoints are skipped with a warning."""
     checkpointer = Checkpointer(directory, read_only=True)
     try:
-        step = checkpointer.latest_step()
-        if step is None:
+        steps = sorted(checkpointer.manager.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"no checkpoint in {checkpointer.directory}")
-        where = os.path.join(checkpointer.directory, str(step))
-        try:
-            # Onto this process's first device: the saving mesh's devices may not exist here.
-            handler = ocp.StandardCheckpointHandler()
-            metadata = handler.metadata(epath.Path(where) / item)
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
-            )
-            restored = checkpointer.manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-            )
-        except Exception as e:  # orbax raises many types for unreadable files
-            raise CheckpointError(f"cannot read checkpoint {where}: {e}") from e
-        return jax.tree.map(np.asarray, restored[item])
+        reasons = []
+        # Onto this process's first device: the saving mesh's may not exist here.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        for step in steps:
+            where = checkpointer.step_dir(step)
+            try:
+                checkpointer.check_complete(step)
+                handler = ocp.StandardCheckpointHandler()
+                metadata = handler.metadata(epath.Path(where) / item)
+                target = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                    metadata.tree,
+                )
+                restored = checkpointer.manager.restore(
+                    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+                )
+            except Exception as e:  # orbax raises many types for unreadable files
+                why = str(e) if isinstance(e, CheckpointError) else f"cannot read: {_first_line(e)}"
+                log.warning("skipping checkpoint %s: %s", where, why)
+                reasons.append(f"step {step}: {why}")
+                continue
+            return jax.tree.map(np.asarray, restored[item])
+        raise CheckpointError(
+            f"no readable checkpoint in {checkpointer.directory} ({'; '.join(reasons)})"
+        )
     finally:
         checkpointer.close()

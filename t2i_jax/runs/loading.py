@@ -82,12 +82,14 @@ def load_run(workdir: str, compute_dtype: str | None = None) -> Run:
     text = build_text(config, TextContext(workdir, builder=None, seed=config.seed))
     method = registry.build_method(config, text)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    mesh = sharding.make_mesh(config=config)
-    frozen = frozen_store.load_or_create(workdir, method, write=False)
-    frozen = jax.device_put(frozen, sharding.replicated(mesh))
-    state = checkpointer.restore(step, abstract_state(method, config, mesh, frozen))
-    checkpointer.close()
-    return Run(workdir, config, method, state, frozen)
+    try:
+        if checkpointer.latest_step() is None:
+            raise CheckpointError(f"no checkpoint in {checkpointer.directory}")
+        mesh = sharding.make_mesh(config=config)
+        frozen = frozen_store.load_or_create(workdir, method, write=False)
+        frozen = jax.device_put(frozen, sharding.replicated(mesh))
+        # The newest readable checkpoint; newer unreadable ones are named and left alone.
+        restored = checkpointer.restore_newest(abstract_state(method, config, mesh, frozen))
+    finally:
+        checkpointer.close()
+    return Run(workdir, config, method, restored.state, frozen)

@@ -304,13 +304,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
     )
     writer = MetricWriter(workdir, enabled=primary)
     try:
-        latest = checkpointer.latest_step()
+        # Unreadable newer checkpoints are skipped and moved aside (checkpoint.py).
+        restored = checkpointer.restore_newest(fns.abstract_state, data_iter, set_aside=True)
         meta: dict = {}
-        if latest is not None:
-            state = checkpointer.restore(latest, fns.abstract_state, data_iter)
-            meta = checkpointer.restore_meta(latest)
-            writer.truncate_after(latest)
-            log.info("resumed from step %d", latest)
+        if restored is not None:
+            state, meta = restored.state, restored.meta
+            writer.truncate_after(restored.step)
+            log.info("resumed from step %d", restored.step)
         else:
             state = fns.init(rng.stream_key(config.seed, "params"))
         guarded = config.train.get("skip_nonfinite", True)
@@ -389,19 +389,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
                                 f"checkpoints in {checkpointer.directory} are as they were"
                             )
                         checkpointer.wait()
-                        back = checkpointer.latest_step()
+                        log.warning("%s: rolling back", streak.describe())
+                        restored = checkpointer.restore_newest(
+                            fns.abstract_state, data_iter, set_aside=True
+                        )
+                        back = restored.step if restored is not None else None
                         log.warning(
-                            "%s: rolling back to %s on another noise stream",
-                            streak.describe(),
+                            "rolled back to %s on another noise stream",
                             f"step {back}" if back is not None else "the start",
                         )
-                        if back is None:
+                        if restored is None:
                             state = fns.init(rng.stream_key(config.seed, "params"))
                             data_iter = iter(loader)
                             meta = {}
                         else:
-                            state = checkpointer.restore(back, fns.abstract_state, data_iter)
-                            meta = checkpointer.restore_meta(back)
+                            state, meta = restored.state, restored.meta
                         # The run as if it had been restarted there: its counters too.
                         streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
                         pending = None

@@ -97,7 +97,7 @@ def test_a_streak_rolls_back_once_then_a_second_one_stops_the_run(
     workdir = tmp_path / "run"
     first = PoisonedBatches(monkeypatch, bad={2, 5, 6, 7})
     assert _train(workdir, data_dir, steps=12) == 0
-    assert "rolling back to step 6 on another noise stream" in caplog.text
+    assert "rolled back to step 6 on another noise stream" in caplog.text
     assert "step 2 skipped: grad_norm, loss non-finite" in caplog.text
     assert "step 5 skipped: grad_norm, loss non-finite" in caplog.text
     # Step indices 0-7 were dispatched (step 7's flag is read after step 8 is on its way),
