@@ -13,6 +13,7 @@ nothing is moved and the error lists each step and why.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t2i_jax.errors import CheckpointError
+from t2i_jax.errors import CheckpointError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Checkpointer:
         async_save: bool = False,
     ):
         self.directory = os.path.abspath(directory)
+        self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not read_only,
@@ -186,7 +188,9 @@ class Checkpointer:
             items["data"] = grain.PyGrainCheckpointSave(data_iterator)
         if meta:
             items[META] = ocp.args.JsonSave(meta)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._last_saved = step
+        with self._writing():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_meta(self, step: int) -> dict:
         """The counters saved with `step` ({} for a checkpoint written without any)."""
@@ -203,7 +207,22 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Until the last save is on disk (at once when saves are synchronous)."""
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed save (disk full, an I/O error; raised here, or by the next call for an
+        async one) as one WriteError line. Its half-written step stays an orbax temporary
+        directory, which no reader takes for a checkpoint; the ones before are untouched."""
+        try:
+            yield
+        except WriteError:
+            raise
+        except Exception as e:  # orbax and tensorstore raise many types for I/O errors
+            step = self._last_saved
+            where = self.step_dir(step) if step is not None else self.directory
+            raise WriteError(f"cannot write checkpoint {where}: {_first_line(e)}") from e
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores the state (and the iterator in place); a bad checkpoint is one line."""
@@ -219,8 +238,10 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for a save in flight, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _first_line(e: Exception) -> str:

@@ -683,6 +683,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"t2i: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a read or write the code did not name itself: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"t2i: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """User-facing errors: the CLI prints them as one line and exits with status 2."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """Bad input from the user (config, paths, files); never a bug in the code."""
@@ -19,3 +24,17 @@ class MetricError(UserError, ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not match the run's config."""
+
+
+class WriteError(UserError):
+    """A file could not be written: disk full, an I/O error, a path that is not writable."""
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turns an OSError in the block into one WriteError line naming `path` (or the file
+    the error names) and the reason: `with writing(path): ...`."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"cannot write {e.filename or path}: {e.strerror or e}") from e

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from t2i_jax.errors import writing
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats to uint8 pixels (the inverse of the pipeline's scaling)."""
@@ -44,7 +46,9 @@ def caption_grid(
 
 
 def save_grid(path: str, images: np.ndarray, captions: Sequence[str]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    caption_grid(images, captions).save(tmp)
-    os.replace(tmp, path)
+    grid = caption_grid(images, captions)
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.png"
+        grid.save(tmp)
+        os.replace(tmp, path)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from t2i_jax.data import import_sources, import_workers, record_writer
 from t2i_jax.data.import_workers import ImportOptions
-from t2i_jax.errors import UserError
+from t2i_jax.errors import UserError, writing
 
 SPLITS = ("train", "validation")
 FILES_PER_TASK = 64
@@ -152,18 +152,21 @@ def import_data_set(
     work = os.path.join(data_dir, f".{name}.import")
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted import left
     staging, folder = os.path.join(work, "staging"), os.path.join(work, name)
-    os.makedirs(staging)
-    os.makedirs(folder)
+    with writing(work):
+        os.makedirs(staging)
+        os.makedirs(folder)
     try:
-        report = _build(
-            src, name, fmt, folder, staging, options, caption_column, image_dir, workers,
-            progress,
-        )  # fmt: skip
-        shutil.rmtree(staging)
-        if os.path.exists(final):  # --overwrite: swap, then drop the old one
-            old = os.path.join(work, "old")
-            os.replace(final, old)
-        os.replace(folder, final)
+        # A failed write (disk full, an I/O error): one line; nothing was put in place.
+        with writing(work):
+            report = _build(
+                src, name, fmt, folder, staging, options, caption_column, image_dir, workers,
+                progress,
+            )  # fmt: skip
+            shutil.rmtree(staging)
+            if os.path.exists(final):  # --overwrite: swap, then drop the old one
+                old = os.path.join(work, "old")
+                os.replace(final, old)
+            os.replace(folder, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print_summary(name, final, report)

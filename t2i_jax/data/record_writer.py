@@ -8,12 +8,15 @@ given; `tfds.builder_from_directory(folder)` reads the result like any prepared 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
+
+from t2i_jax.errors import WriteError
 
 # Shards of at most this many records: files of a few hundred MB at 256 px.
 RECORDS_PER_SHARD = 4096
@@ -35,7 +38,8 @@ class SplitWriter:
         path = os.path.join(self.folder, f".{self.split}-part{len(self._parts):05d}")
         self._parts.append(path)
         self._lengths.append(0)
-        self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        with self._writing(path):
+            self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
 
     def write(self, example: dict) -> None:
         if self._writer is None or self._lengths[-1] >= RECORDS_PER_SHARD:
@@ -43,14 +47,28 @@ class SplitWriter:
             self._open_part()
         encoded = self.features.encode_example(example)
         data = self._serializer.get_tf_example(encoded).SerializeToString(deterministic=True)
-        self._writer.write(data)
+        with self._writing(self._parts[-1]):
+            self._writer.write(data)
         self._lengths[-1] += 1
         self.num_bytes += len(data)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with self._writing(self._parts[-1]):
+                writer.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(path: str):
+        """array_record reports a failed write (disk full, an I/O error) as the C++
+        status's RuntimeError or ValueError, or an OSError: one WriteError line."""
+        try:
+            yield
+        except OSError as e:
+            raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
+        except (RuntimeError, ValueError) as e:
+            raise WriteError(f"cannot write {path}: {str(e).strip()[:300]}") from e
 
     def finish(self) -> tfds.core.SplitInfo:
         """Renames the parts to their final shard names; returns the split's info."""

@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from t2i_jax.errors import CheckpointError
+from t2i_jax.errors import CheckpointError, writing
 from t2i_jax.methods.base import Frozen, Method
 from t2i_jax.text.setup import params_digest
 
@@ -41,6 +41,11 @@ def save(workdir: str, frozen: Frozen) -> None:
     """Writes the store under a temporary name and renames it into place, so a killed
     save leaves either no store or a whole one."""
     final = _path(workdir)
+    with writing(final):
+        _save(final, frozen)
+
+
+def _save(final: str, frozen: Frozen) -> None:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from t2i_jax.errors import UserError
+from t2i_jax.errors import UserError, writing
 from t2i_jax.train.tensorboard import EventWriter
 
 PERF = "perf"  # the row key of a log row's timings (train/throughput.py)
@@ -20,18 +20,22 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = EventWriter(os.path.join(workdir, "tb")) if enabled else None
+        self._tb = None
+        if enabled:
+            with writing(os.path.join(workdir, "tb")):
+                self._tb = EventWriter(os.path.join(workdir, "tb"))
 
     def truncate_after(self, step: int) -> None:
         """Drops lines past `step`, so a resumed run's log equals an uninterrupted one's."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        with writing(self.path):  # the log is rewritten: reading it is part of that
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def write(self, step: int, scalars: dict[str, float], *, perf: dict | None = None) -> None:
         for name, value in scalars.items():
@@ -41,10 +45,11 @@ class MetricWriter:
             return
         perf = {k: v for k, v in (perf or {}).items() if math.isfinite(v)}  # NaN: unknown peak
         row = {"step": step, **scalars, **({PERF: perf} if perf else {})}
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         tb = {**scalars, **{f"{PERF}/{k}": v for k, v in perf.items()}}
-        self._tb.scalars(step, tb)
+        with writing(self._tb.path):
+            self._tb.scalars(step, tb)
 
     def close(self) -> None:
         if self._tb is not None:

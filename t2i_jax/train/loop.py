@@ -28,7 +28,7 @@ from t2i_jax import config as config_lib
 from t2i_jax import rng, sharding
 from t2i_jax.checkpoint import Checkpointer
 from t2i_jax.data import sources
-from t2i_jax.errors import ConfigError, UserError
+from t2i_jax.errors import ConfigError, UserError, writing
 from t2i_jax.grid import save_grid
 from t2i_jax.methods import registry
 from t2i_jax.methods.base import Frozen, Method, TrainState
@@ -106,9 +106,10 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         if changed:
             log.warning("config differs from the run's saved config in: %s", ", ".join(changed))
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with writing(path):
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):

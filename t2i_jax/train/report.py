@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from t2i_jax.errors import writing  # noqa: E402
 from t2i_jax.train.logging import read_metrics  # noqa: E402
 
 EVALUATION_HEADING = "## Evaluation"
@@ -33,9 +34,10 @@ def _cut_section(text: str, heading: str) -> tuple[str, str]:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with writing(path):
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 def write_section(workdir: str, heading: str, body: list[str]) -> str:
@@ -70,8 +72,11 @@ def plot_metric(records: list[dict], name: str, path: str) -> bool:
     ax.set_title(f"training {name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
     return True
 
 
