@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from t2i_jax.data import import_sources, import_workers, record_writer
+from t2i_jax.data import import_sources, import_workers, integrity, record_writer
 from t2i_jax.data.import_workers import ImportOptions
 from t2i_jax.errors import UserError, writing
 
@@ -163,6 +163,7 @@ def import_data_set(
                 progress,
             )  # fmt: skip
             shutil.rmtree(staging)
+            integrity.record(folder)  # sizes and checksums, checked at every load
             if os.path.exists(final):  # --overwrite: swap, then drop the old one
                 old = os.path.join(work, "old")
                 os.replace(final, old)

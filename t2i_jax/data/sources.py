@@ -7,12 +7,14 @@ beside the data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from t2i_jax.data import integrity
 from t2i_jax.data.datasets import (
     DATASETS,
     PUBLIC_DATASETS,
@@ -48,6 +50,8 @@ def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBui
         path = imported_path(name, data_dir)
         if variant != "default":
             raise DataError(f"imported data set {name} has no variant {variant!r} (only default)")
+        if integrity.has_manifest(path):  # before TFDS reads its (maybe damaged) metadata
+            integrity.verify(path, name, _rebuild_imported(name, data_dir))
         try:
             return tfds.builder_from_directory(path)
         except Exception as e:  # noqa: BLE001 - TFDS raises many kinds on bad metadata
@@ -66,18 +70,34 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     builder = load_builder(name, data_dir, variant)
     if isinstance(builder, PublicDataSet):  # prepared by the user with TFDS
         return builder.prepare()
-    if jax.process_index() == 0 and not builder.is_prepared():
-        tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                try_download_gcs=False,  # Built-in sets are made here; never reach out.
+    if jax.process_index() == 0:
+        if not builder.is_prepared():
+            tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False,  # Built-in sets are made here; never reach out.
+                )
             )
-        )
+            integrity.record(builder.data_dir)
+        elif not integrity.has_manifest(builder.data_dir):  # prepared before manifests
+            with contextlib.suppress(OSError):  # a read-only copy is checked by TFDS alone
+                integrity.record(builder.data_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"prepare {name}")
-    return load_builder(name, data_dir, variant)
+    builder = load_builder(name, data_dir, variant)
+    if name in DATASETS and integrity.has_manifest(builder.data_dir):
+        rebuild = (
+            f"delete {builder.data_dir} to have it built again on the next run (or `t2i data "
+            f"prepare {name} --data-dir {data_dir} --variant {variant}`)"
+        )
+        integrity.verify(builder.data_dir, name, rebuild)
+    return builder
+
+
+def _rebuild_imported(name: str, data_dir: str) -> str:
+    return f"import it again: t2i data import SRC --name {name} --data-dir {data_dir} --overwrite"
 
 
 def prepare_for_run(data) -> tfds.core.DatasetBuilder:
