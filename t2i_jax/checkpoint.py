@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
 import grain.python as grain
 import jax
@@ -122,20 +123,28 @@ class Checkpointer:
             )
 
     def restore_newest(
-        self, abstract_state, data_iterator=None, *, set_aside: bool = False
+        self,
+        abstract_state,
+        data_iterator=None,
+        *,
+        set_aside: bool = False,
+        check_meta: Callable[[dict, str], None] | None = None,
     ) -> Restored | None:
         """The newest readable checkpoint (None when there is none at all); newer
         unreadable ones are skipped and, with `set_aside`, moved to `corrupt-STEP/`.
         CheckpointError when checkpoints exist and none is readable (nothing is moved),
-        CheckpointMismatch for one that holds another model."""
+        CheckpointMismatch for one that holds another model. `check_meta(meta, step_dir)`
+        sees each checkpoint's saved meta first (it raises CheckpointMismatch to refuse)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         skipped: list[tuple[int, str]] = []
         for step in steps:
             try:
                 self.check_complete(step)
+                meta = self.restore_meta(step)
+                if check_meta is not None:
+                    check_meta(meta, self.step_dir(step))
                 self.check_fits(step, abstract_state)
                 state = self.restore(step, abstract_state, data_iterator)
-                meta = self.restore_meta(step)
             except CheckpointMismatch:
                 raise
             except CheckpointError as e:

@@ -356,8 +356,9 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
         )
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
-    if any(not p.strip() for p in args.prompt):
-        raise UserError("--prompt must not be empty")
+    from t2i_jax.text.prompts import check_prompts
+
+    check_prompts(args.prompt)  # before the run is read; its tokenizer's check follows
 
     from t2i_jax.grid import save_grid
     from t2i_jax.pipeline import Pipeline

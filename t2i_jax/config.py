@@ -42,6 +42,9 @@ def call_file_function(spec: str, function: str, kind: str) -> Any:
         return getattr(module, function)(arg or None)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{path}: {function}({arg!r}) failed: {e}") from e
+    except Exception as e:  # The file's own code failed: the user's error, say where.
+        call = f"{function}({arg!r})" if arg else f"{function}()"
+        raise ConfigError(f"{path}: {call} raised {type(e).__name__}: {e}") from e
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ from t2i_jax.errors import UserError
 from t2i_jax.methods.base import SampleOption
 from t2i_jax.runs.loading import Run, load_run
 from t2i_jax.runs.sampling import Sampler, make_sampler, sample_images
+from t2i_jax.text.prompts import check_prompts
 
 
 class Pipeline:
@@ -63,8 +64,7 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given")
-        if any(not p.strip() for p in prompts):
-            raise UserError("a prompt must not be empty")
+        check_prompts(prompts, self.run.tokenizer)
         if num < 1:
             raise UserError(f"num must be at least 1, got {num}")
         if output not in ("pil", "numpy"):

@@ -152,6 +152,7 @@ def import_data_set(
     work = os.path.join(data_dir, f".{name}.import")
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted import left
     staging, folder = os.path.join(work, "staging"), os.path.join(work, name)
+    made_data_dir = not os.path.exists(data_dir)
     with writing(work):
         os.makedirs(staging)
         os.makedirs(folder)
@@ -170,6 +171,8 @@ def import_data_set(
             os.replace(folder, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if made_data_dir and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)  # a failed first import leaves no trace
     _print_summary(name, final, report)
     return report
 

@@ -42,6 +42,14 @@ class Diffusion(Method):
             )
         schedules.alphas_cumprod(dc.schedule, dc.timesteps)
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, dc.prediction)
+        if config.method == "diffusion":  # latent diffusion's size is its latents'
+            size, levels = config.data.image_size, len(config.model.channel_mults)
+            factor = 2 ** (levels - 1)
+            if size % factor:
+                raise ConfigError(
+                    f"data.image_size={size} is not a multiple of {factor}, which the "
+                    f"UNet's {levels} levels (model.channel_mults) halve it into"
+                )
 
     def __init__(self, config: ml_collections.ConfigDict, text: TextSetup):
         super().__init__(config, text)

@@ -237,6 +237,9 @@ def fid_of_paths(
     batch_size: int = 50,
 ) -> FidResult:
     """FID between two folders / images / `.npz` statistics, like pytorch-fid's command."""
+    for path in (path_a, path_b):  # the inputs first, before the network is read
+        if not path.endswith(".npz"):
+            image_io.list_images(path)
     needs_network = not (path_a.endswith(".npz") and path_b.endswith(".npz"))
     inception = _as_inception(inception_weights) if needs_network else None
     a = stats_of_path(path_a, inception, batch_size=batch_size)

@@ -47,6 +47,11 @@ def read_image(path: str) -> np.ndarray:
                     f"{path} is a {image.mode} (16-bit or float) image; metrics read 8-bit images"
                 )
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"cannot read image {path}: its header claims more than Pillow's limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 

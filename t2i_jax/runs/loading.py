@@ -12,7 +12,7 @@ import ml_collections
 
 from t2i_jax import config as config_lib
 from t2i_jax import sharding
-from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.checkpoint import Checkpointer, CheckpointMismatch
 from t2i_jax.errors import CheckpointError, UserError
 from t2i_jax.methods import registry
 from t2i_jax.methods.base import Frozen, Method, TrainState
@@ -40,6 +40,23 @@ def abstract_state(method: Method, config: ml_collections.ConfigDict, mesh, froz
     min_size = sharding.mesh_config(config).min_shard_size
     shardings = sharding.state_shardings(boxed, mesh, min_size)
     return sharding.abstract_with_sharding(nn.unbox(boxed), shardings)
+
+
+def run_meta(config: ml_collections.ConfigDict) -> dict:
+    """What a checkpoint is of, saved with it: the family and the image size (a state's
+    shapes do not show the image size: convolutions take any)."""
+    return {"method": config.method, "image_size": config.data.image_size}
+
+
+def check_meta(meta: dict, config: ml_collections.ConfigDict, where: str) -> None:
+    """CheckpointMismatch if a checkpoint's saved run_meta is not the config's (checkpoints
+    written before it was saved have none and pass)."""
+    for key, wanted in run_meta(config).items():
+        if key in meta and meta[key] != wanted:
+            raise CheckpointMismatch(
+                f"checkpoint {where} is of a run with {key}={meta[key]!r}, the run's config "
+                f"has {wanted!r}: checkpoints copied from another run?"
+            )
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -89,7 +106,10 @@ def load_run(workdir: str, compute_dtype: str | None = None) -> Run:
         frozen = frozen_store.load_or_create(workdir, method, write=False)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
         # The newest readable checkpoint; newer unreadable ones are named and left alone.
-        restored = checkpointer.restore_newest(abstract_state(method, config, mesh, frozen))
+        restored = checkpointer.restore_newest(
+            abstract_state(method, config, mesh, frozen),
+            check_meta=lambda meta, where: check_meta(meta, config, where),
+        )
     finally:
         checkpointer.close()
     return Run(workdir, config, method, restored.state, frozen)

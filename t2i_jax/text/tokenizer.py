@@ -41,6 +41,9 @@ class CaptionTokenizer(Protocol):
     def digest(self) -> str:
         """sha256 of everything that decides the ids (cache keys)."""
 
+    def unknown_characters(self, caption: str) -> list[str]:
+        """The caption's characters (in order, once each) that encode as unknown."""
+
 
 class Tokenizer:
     """A SentencePiece model plus the fixed-length (tokens, mask) encoding of the batch."""
@@ -67,6 +70,10 @@ class Tokenizer:
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_proto).hexdigest()
+
+    def unknown_characters(self, caption: str) -> list[str]:
+        seen = dict.fromkeys(ch for ch in caption if not ch.isspace())
+        return [ch for ch in seen if UNK_ID in self._sp.encode(ch)]
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         rows = np.atleast_2d(np.asarray(tokens))

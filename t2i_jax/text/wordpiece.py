@@ -196,6 +196,11 @@ class WordPieceTokenizer:
             chunks.append((text[start:], False))
         return chunks
 
+    def unknown_characters(self, caption: str) -> list[str]:
+        """The caption's characters (in order, once each) no piece of the vocabulary covers."""
+        seen = dict.fromkeys(ch for ch in caption if not ch.isspace())
+        return [ch for ch in seen if self.unk_id in self.tokenize_ids(ch)]
+
     def tokenize_ids(self, text: str) -> list[int]:
         """The piece ids of one text, without [CLS]/[SEP] and without truncation."""
         if not isinstance(text, str):

@@ -33,7 +33,7 @@ from t2i_jax.grid import save_grid
 from t2i_jax.methods import registry
 from t2i_jax.methods.base import Frozen, Method, TrainState
 from t2i_jax.runs import frozen_store
-from t2i_jax.runs.loading import abstract_state, batch_spec
+from t2i_jax.runs.loading import abstract_state, batch_spec, check_meta, run_meta
 from t2i_jax.runs.sampling import make_sampler, sample_images
 from t2i_jax.text import cache as text_cache
 from t2i_jax.text.encoders import build_text
@@ -260,12 +260,19 @@ def train_and_evaluate(
     primary = jax.process_index() == 0
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
+    mesh = sharding.make_mesh(devices, config)
+    shards = sharding.batch_shards(mesh)
+    if config.train.batch_size % shards:  # before anything is written
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not divisible by the mesh's "
+            f"{shards} batch shards (mesh.data x mesh.fsdp)"
+        )
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock.hold(workdir, enabled=primary):  # one job writes a workdir
-        return _train(config, workdir, devices=devices, show_progress=show_progress)
+        return _train(config, workdir, mesh=mesh, show_progress=show_progress)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_progress) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progress) -> dict:
     primary = jax.process_index() == 0
     builder = sources.prepare_for_run(config.data)
     text = build_text(config, TextContext(workdir, builder, config.seed))
@@ -275,14 +282,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
     if primary:
         _write_config(config, workdir)
     tokenizer = text.tokenizer
-    mesh = sharding.make_mesh(devices, config)
-    shards = sharding.batch_shards(mesh)
-    if config.train.batch_size % shards:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by the mesh's "
-            f"{shards} batch shards (mesh.data x mesh.fsdp)"
-        )
-
     loader = input_pipeline.make_loader(
         builder.as_data_source("train"),
         tokenizer,
@@ -306,7 +305,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
     writer = MetricWriter(workdir, enabled=primary)
     try:
         # Unreadable newer checkpoints are skipped and moved aside (checkpoint.py).
-        restored = checkpointer.restore_newest(fns.abstract_state, data_iter, set_aside=True)
+        fits_config = lambda meta, where: check_meta(meta, config, where)  # noqa: E731
+        restored = checkpointer.restore_newest(
+            fns.abstract_state, data_iter, set_aside=True, check_meta=fits_config
+        )
         meta: dict = {}
         if restored is not None:
             state, meta = restored.state, restored.meta
@@ -354,7 +356,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
             return path
 
         def counters() -> dict:
-            return {"skipped_steps": streak.total, "rollbacks": rollbacks} if guarded else {}
+            """Saved with each checkpoint: what it is of (checked when read) and counters."""
+            meta = run_meta(config)
+            if guarded:
+                meta.update(skipped_steps=streak.total, rollbacks=rollbacks)
+            return meta
 
         last_metrics: dict = {}
         progress = tqdm(
@@ -392,7 +398,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, devices, show_pro
                         checkpointer.wait()
                         log.warning("%s: rolling back", streak.describe())
                         restored = checkpointer.restore_newest(
-                            fns.abstract_state, data_iter, set_aside=True
+                            fns.abstract_state, data_iter, set_aside=True, check_meta=fits_config
                         )
                         back = restored.step if restored is not None else None
                         log.warning(

@@ -115,6 +115,8 @@ def test_a_streak_rolls_back_once_then_a_second_one_stops_the_run(
     assert rows[1]["skipped_steps"] == 1 and rows[2] == {"step": 6, "skipped_steps": 3}
     assert all(row["skipped_steps"] == 3 and np.isfinite(row["loss"]) for row in rows[3:])
     assert Checkpointer(str(workdir / "checkpoints")).restore_meta(12) == {
+        "method": "diffusion",
+        "image_size": 32,
         "skipped_steps": 3,
         "rollbacks": 1,
     }
