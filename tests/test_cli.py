@@ -4,13 +4,10 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
-from helpers import check_eval_r_precision, run_cli, sample_checked, start_cli, train_args
+from helpers import check_eval_r_precision, run_cli, sample_checked, train_args
 
 from t2i_jax.data import sources
 from t2i_jax.text import bert_package
@@ -136,109 +133,6 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, data_dir, args, message):
     assert result.stderr.strip().splitlines() == [f"t2i: error: {message}"] or (
         message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     ), result.stderr
-
-
-def test_missing_workdir_and_corrupt_checkpoint(trained, tmp_path):
-    result = run_cli(
-        "sample",
-        "--workdir",
-        str(tmp_path / "absent"),
-        "--prompt",
-        "a red circle",
-        "--out",
-        str(tmp_path / "x.png"),
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"t2i: error: workdir not found: {tmp_path / 'absent'}"
-
-    workdir, _ = trained
-    broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(workdir), str(broken)], check=True)
-    for root, _, files in os.walk(broken / "checkpoints" / "6" / "state"):
-        for name in files:
-            if name != "commit_success.txt":
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"garbage")
-    before = sorted(os.listdir(broken / "checkpoints"))
-    result = run_cli(
-        "sample",
-        "--workdir",
-        str(broken),
-        "--prompt",
-        "a red circle",
-        "--out",
-        str(tmp_path / "y.png"),
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("t2i: error: cannot restore checkpoint")
-    assert str(broken / "checkpoints" / "6") in lines[0]
-    assert sorted(os.listdir(broken / "checkpoints")) == before
-
-
-# Long enough that a signal sent once checkpoint 10 exists arrives well before the end.
-LONG_STEPS = 50
-LONG = [f"--config.train.steps={LONG_STEPS}", "--config.train.checkpoint_every=10"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-    """A LONG_STEPS run never stopped."""
-    workdir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli(*train_args(workdir, data_dir, *LONG))
-    assert result.returncode == 0, result.stderr
-    return workdir
-
-
-def _start(workdir, data_dir):
-    return start_cli(*train_args(workdir, data_dir, *LONG))
-
-
-def _wait_for_checkpoint(proc, workdir, step, timeout=300):
-    deadline = time.time() + timeout
-    while not (workdir / "checkpoints" / str(step)).is_dir():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.2)
-
-
-@pytest.mark.parametrize(
-    "signals",
-    [
-        # Ctrl-C once checkpoint 10 is written. (SIGTERM takes the same path: it stops
-        # and resumes two processes together in train/test_multiprocess.py.)
-        (signal.SIGINT,),
-        (signal.SIGKILL,),
-    ],
-    ids=["SIGINT", "SIGKILL"],
-)
-def test_stopped_run_resumes_to_the_same_final_sample(reference, tmp_path, data_dir, signals):
-    """A run stopped by a signal, then finished, writes the same log and final grid as
-    `reference`: SIGINT (like SIGTERM, one handler) saves a checkpoint and exits 75; after
-    SIGKILL the run continues from its last periodic checkpoint."""
-    workdir = tmp_path / "stopped"
-    for leg, sig in enumerate(signals, start=1):
-        proc = _start(workdir, data_dir)
-        _wait_for_checkpoint(proc, workdir, 10 * leg)
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=120)
-        assert not (workdir / "report.md").exists()
-        # Complete checkpoints only: a background save that SIGKILL interrupted leaves a
-        # temporary directory, which resuming ignores.
-        saved = os.listdir(workdir / "checkpoints")
-        stopped_at = max(int(d) for d in saved if d.isdigit())
-        assert 10 * leg <= stopped_at < LONG_STEPS
-        if sig == signal.SIGKILL:
-            assert proc.returncode == -signal.SIGKILL
-        else:  # The step it stopped at is the newest checkpoint, written on the signal.
-            assert proc.returncode == 75, stderr
-            assert f"t2i: stopped by {sig.name} at step {stopped_at}; checkpoint saved" in stderr
-
-    result = run_cli(*train_args(workdir, data_dir, *LONG))
-    assert result.returncode == 0, result.stderr
-    final = f"samples/step_{LONG_STEPS}.png"
-    assert (workdir / final).read_bytes() == (reference / final).read_bytes()
-    assert read_metrics(str(workdir)) == read_metrics(str(reference))  # timings aside
 
 
 def test_data_prepare(tmp_path):
