@@ -349,12 +349,12 @@ def test_random_weights_option_is_seeded_and_usable():
     assert pool3.std(axis=0).max() > 0  # the images are told apart
 
 
-def test_weight_errors_are_clear(reference, tmp_path, monkeypatch):
+def test_weight_errors_are_clear(reference, folders, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub_home"))
     with pytest.raises(CheckpointError, match="pytorch-fid publishes it at https://github.com"):
         fid.load_fid_inception()
     with pytest.raises(CheckpointError, match="nope.pth"):
-        fid.fid_of_paths("a", "b", inception_weights=str(tmp_path / "nope.pth"))
+        fid.fid_of_paths(folders["a"], folders["b"], inception_weights=str(tmp_path / "nope.pth"))
     (tmp_path / "bad.npz").write_bytes(b"not statistics")
     with pytest.raises(CheckpointError, match="bad.npz"):
         fid.fid_of_paths(str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))

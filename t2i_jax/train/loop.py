@@ -182,6 +182,14 @@ def _place_frozen(frozen: Frozen, replicated) -> Frozen:
     return jax.tree.map(place, frozen)
 
 
+def step_function(method: Method, config: ml_collections.ConfigDict) -> Callable:
+    """The train step the trainer compiles: the method's, under the non-finite guard when
+    `train.skip_nonfinite` is on."""
+    if config.train.get("skip_nonfinite", True):
+        return nonfinite.guard(method.train_step)
+    return method.train_step
+
+
 def compile_functions(
     method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen | None = None
 ) -> TrainFunctions:
@@ -199,11 +207,8 @@ def compile_functions(
         return nn.unbox(method.init(key, zeros, frozen))  # logical axes read by abstract_state
 
     init_fn = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=state_sharding)
-    train_step = method.train_step
-    if config.train.get("skip_nonfinite", True):
-        train_step = nonfinite.guard(train_step)
     step_fn = jax.jit(
-        train_step,
+        step_function(method, config),
         in_shardings=(state_sharding, batch_sharding, replicated, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
@@ -228,7 +233,7 @@ def train_step_flops(method: Method, fns: TrainFunctions, config) -> float:
     if method.microbatches > 1:
         whole = copy.copy(method)
         whole.microbatches = 1
-        step_fn = jax.jit(whole.train_step)
+        step_fn = jax.jit(step_function(whole, config))
     return throughput.step_flops(step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
 
 

@@ -114,5 +114,5 @@ def test_an_import_that_cannot_write_leaves_nothing(tmp_path, capsys, monkeypatc
                      "--no-progress"])  # fmt: skip
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"t2i: error: {expected}"]
-    if failure == "full disk":
-        assert os.listdir(data_dir) == []  # neither the data set nor its working folder
+    if failure == "full disk":  # neither the data set, its working folder, nor the data dir
+        assert not data_dir.exists()
