@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 import grain.python as grain
 import jax
@@ -28,9 +29,11 @@ from etils import epath
 from t2i_jax.errors import CheckpointError, WriteError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the final rename
 SET_ASIDE_PREFIX = "corrupt-"
+META = "meta"  # the checkpoint item of what the run is and its counters
 
 
 class CheckpointMismatch(CheckpointError):
@@ -39,13 +42,11 @@ class CheckpointMismatch(CheckpointError):
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """What `restore_newest` read: the step, its state and counters, and the newer steps
-    it skipped with the reason for each."""
+    """What `restore_newest` read: the step, its state and its saved meta."""
 
     step: int
     state: object
     meta: dict
-    skipped: tuple[tuple[int, str], ...] = ()
 
 
 # A replicated array is written whole by its first replica. orbax's default on CPU and TPU
@@ -55,9 +56,6 @@ class Restored:
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
 )
-
-
-META = "meta"  # the checkpoint item of the run's counters
 
 
 class Checkpointer:
@@ -135,30 +133,43 @@ class Checkpointer:
         CheckpointError when checkpoints exist and none is readable (nothing is moved),
         CheckpointMismatch for one that holds another model. `check_meta(meta, step_dir)`
         sees each checkpoint's saved meta first (it raises CheckpointMismatch to refuse)."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        skipped: list[tuple[int, str]] = []
-        for step in steps:
+
+        def read(step: int) -> Restored:
+            meta = self.restore_meta(step)
+            if check_meta is not None:
+                check_meta(meta, self.step_dir(step))
+            self.check_fits(step, abstract_state)
+            return Restored(step, self.restore(step, abstract_state, data_iterator), meta)
+
+        found = self.newest_readable(read)
+        if found is None:
+            return None
+        restored, skipped = found
+        if skipped and set_aside:
+            self._set_aside(skipped)
+        return restored
+
+    def newest_readable(self, read: Callable[[int], T]) -> tuple[T, list[int]] | None:
+        """`read(step)` of the newest complete step it succeeds on, and the newer steps it
+        skipped (each named with its reason in a warning); None without any checkpoint.
+        `read` raises CheckpointError for an unreadable step, CheckpointMismatch to stop."""
+        reasons: dict[int, str] = {}
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 self.check_complete(step)
-                meta = self.restore_meta(step)
-                if check_meta is not None:
-                    check_meta(meta, self.step_dir(step))
-                self.check_fits(step, abstract_state)
-                state = self.restore(step, abstract_state, data_iterator)
+                value = read(step)
             except CheckpointMismatch:
                 raise
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s", self.step_dir(step), e)
-                skipped.append((step, str(e)))
+                reasons[step] = str(e)
                 continue
-            if skipped:
+            if reasons:
                 log.warning("using checkpoint %s", self.step_dir(step))
-                if set_aside:
-                    self._set_aside([s for s, _ in skipped])
-            return Restored(step, state, meta, tuple(skipped))
-        if skipped:
-            reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)
-            raise CheckpointError(f"no readable checkpoint in {self.directory} ({reasons})")
+            return value, list(reasons)
+        if reasons:
+            listed = "; ".join(f"step {s}: {why}" for s, why in reasons.items())
+            raise CheckpointError(f"no readable checkpoint in {self.directory} ({listed})")
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -191,7 +202,7 @@ class Checkpointer:
         data_iterator: grain.PyGrainDatasetIterator | None,
         meta: dict | None = None,
     ) -> None:
-        """`meta`: the run's small JSON counters (skipped steps, rollbacks) at `step`."""
+        """`meta`: small JSON saved beside the state (what the run is, its counters)."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointSave(data_iterator)
@@ -202,16 +213,16 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_meta(self, step: int) -> dict:
-        """The counters saved with `step` ({} for a checkpoint written without any)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), META)):
+        """The meta saved with `step` ({} for a checkpoint written without any)."""
+        where = os.path.join(self.step_dir(step), META)
+        if not os.path.isdir(where):
             return {}
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
             )
         except Exception as e:  # orbax raises many types for unreadable files
-            where = os.path.join(self.directory, str(step), META)
-            raise CheckpointError(f"cannot read {where}: {e}") from e
+            raise CheckpointError(f"cannot read {where}: {_first_line(e)}") from e
         return dict(restored[META])
 
     def wait(self) -> None:
@@ -263,34 +274,27 @@ def read_latest_arrays(directory: str, item: str = "state") -> dict:
     without a method or mesh (whatever mesh it was saved from): how a run reads another
     run's weights. Unreadable newer checkpoints are skipped with a warning."""
     checkpointer = Checkpointer(directory, read_only=True)
+    # Onto this process's first device: the saving mesh's may not exist here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def read(step: int) -> dict:
+        where = checkpointer.step_dir(step)
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / item)
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
+            )
+            restored = checkpointer.manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+            )
+        except Exception as e:  # orbax raises many types for unreadable files
+            raise CheckpointError(f"cannot read checkpoint {where}: {_first_line(e)}") from e
+        return jax.tree.map(np.asarray, restored[item])
+
     try:
-        steps = sorted(checkpointer.manager.all_steps(), reverse=True)
-        if not steps:
+        found = checkpointer.newest_readable(read)
+        if found is None:
             raise CheckpointError(f"no checkpoint in {checkpointer.directory}")
-        reasons = []
-        # Onto this process's first device: the saving mesh's may not exist here.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        for step in steps:
-            where = checkpointer.step_dir(step)
-            try:
-                checkpointer.check_complete(step)
-                handler = ocp.StandardCheckpointHandler()
-                metadata = handler.metadata(epath.Path(where) / item)
-                target = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                    metadata.tree,
-                )
-                restored = checkpointer.manager.restore(
-                    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-                )
-            except Exception as e:  # orbax raises many types for unreadable files
-                why = str(e) if isinstance(e, CheckpointError) else f"cannot read: {_first_line(e)}"
-                log.warning("skipping checkpoint %s: %s", where, why)
-                reasons.append(f"step {step}: {why}")
-                continue
-            return jax.tree.map(np.asarray, restored[item])
-        raise CheckpointError(
-            f"no readable checkpoint in {checkpointer.directory} ({'; '.join(reasons)})"
-        )
+        return found[0]
     finally:
         checkpointer.close()

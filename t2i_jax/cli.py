@@ -32,7 +32,7 @@ import math
 import os
 import sys
 
-from t2i_jax.errors import UserError
+from t2i_jax.errors import NonFiniteError, UserError
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
@@ -268,7 +268,6 @@ def _train(args, overrides: list[str]) -> int:
     from t2i_jax import config as config_lib
     from t2i_jax.train import multihost
     from t2i_jax.train.loop import Preempted, train_and_evaluate
-    from t2i_jax.train.nonfinite import NonFiniteError
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
@@ -285,9 +284,6 @@ def _train(args, overrides: list[str]) -> int:
     except Preempted as e:
         print(f"t2i: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except NonFiniteError as e:
-        print(f"t2i: error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
     print(f"report: {args.workdir.rstrip('/')}/report.md")
     return 0
 
@@ -580,7 +576,6 @@ def _eval(args) -> int:
 def _ablate(args, overrides: list[str]) -> int:
     from t2i_jax.eval.ablate import run_sweep
     from t2i_jax.train.loop import Preempted
-    from t2i_jax.train.nonfinite import NonFiniteError
 
     if args.eval and args.num < 2:
         raise UserError(f"--num must be at least 2, got {args.num}")
@@ -597,9 +592,6 @@ def _ablate(args, overrides: list[str]) -> int:
     except Preempted as e:
         print(f"t2i: {e}; run the same command to continue the sweep", file=sys.stderr)
         return EXIT_PREEMPTED
-    except NonFiniteError as e:
-        print(f"t2i: error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
     print(f"results: {os.path.join(args.workdir, 'results.md')}")
     return 0
 
@@ -684,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"t2i: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteError as e:  # `t2i train`, `t2i ablate`
+        print(f"t2i: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     except OSError as e:  # a read or write the code did not name itself: still one line
         where = f"{e.filename}: " if e.filename else ""
         print(f"t2i: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -26,15 +26,24 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not match the run's config."""
 
 
+class NonFiniteError(Exception):
+    """Training stopped because updates stayed NaN/Inf after its rollback (train/nonfinite.py):
+    not the input's fault, so not a UserError; the CLI exits with status 3."""
+
+
 class WriteError(UserError):
     """A file could not be written: disk full, an I/O error, a path that is not writable."""
 
 
 @contextlib.contextmanager
-def writing(path: str) -> Iterator[None]:
-    """Turns an OSError in the block into one WriteError line naming `path` (or the file
-    the error names) and the reason: `with writing(path): ...`."""
+def writing(path: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turns an OSError in the block, or one of `also` (how a library reports a failed
+    write), into one WriteError line naming `path` (or the file the error names) and the
+    reason: `with writing(path): ...`."""
     try:
         yield
     except OSError as e:
         raise WriteError(f"cannot write {e.filename or path}: {e.strerror or e}") from e
+    except also as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise WriteError(f"cannot write {path}: {reason}") from e

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from t2i_jax.data import image_decode, import_sources
-from t2i_jax.errors import UserError
+from t2i_jax.errors import UserError, writing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,8 @@ class TaskResult:
 def _save_staging(path: str, images: list, meta: list) -> str | None:
     if not images:
         return None
-    np.savez(path, images=np.stack(images), meta=np.asarray(json.dumps(meta)))
+    with writing(path):
+        np.savez(path, images=np.stack(images), meta=np.asarray(json.dumps(meta)))
     return path
 
 

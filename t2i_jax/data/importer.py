@@ -157,12 +157,13 @@ def import_data_set(
         os.makedirs(staging)
         os.makedirs(folder)
     try:
-        # A failed write (disk full, an I/O error): one line; nothing was put in place.
+        # Its writes (staging, records) fail as one WriteError line; reads of the source
+        # as theirs. Nothing is put in place unless all of it is written.
+        report = _build(
+            src, name, fmt, folder, staging, options, caption_column, image_dir, workers,
+            progress,
+        )  # fmt: skip
         with writing(work):
-            report = _build(
-                src, name, fmt, folder, staging, options, caption_column, image_dir, workers,
-                progress,
-            )  # fmt: skip
             shutil.rmtree(staging)
             integrity.record(folder)  # sizes and checksums, checked at every load
             if os.path.exists(final):  # --overwrite: swap, then drop the old one

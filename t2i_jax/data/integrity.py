@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 
 from t2i_jax.errors import DataError
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "t2i_manifest.json"
 METADATA_FILES = ("dataset_info.json", "features.json")

@@ -8,7 +8,6 @@ given; `tfds.builder_from_directory(folder)` reads the result like any prepared 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 
@@ -16,7 +15,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
 
-from t2i_jax.errors import WriteError
+from t2i_jax.errors import writing
 
 # Shards of at most this many records: files of a few hundred MB at 256 px.
 RECORDS_PER_SHARD = 4096
@@ -59,16 +58,10 @@ class SplitWriter:
                 writer.close()
 
     @staticmethod
-    @contextlib.contextmanager
     def _writing(path: str):
-        """array_record reports a failed write (disk full, an I/O error) as the C++
-        status's RuntimeError or ValueError, or an OSError: one WriteError line."""
-        try:
-            yield
-        except OSError as e:
-            raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
-        except (RuntimeError, ValueError) as e:
-            raise WriteError(f"cannot write {path}: {str(e).strip()[:300]}") from e
+        """array_record reports a failed write (disk full, an I/O error) as an OSError or
+        the C++ status's RuntimeError or ValueError: one WriteError line."""
+        return writing(path, also=(RuntimeError, ValueError))
 
     def finish(self) -> tfds.core.SplitInfo:
         """Renames the parts to their final shard names; returns the split's info."""

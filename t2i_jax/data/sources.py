@@ -42,7 +42,8 @@ def decode_caption(raw: str | bytes | np.ndarray, where: str) -> str:
 
 def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     """The built-in data set `name`, a public TFDS one, or the one imported under
-    `data_dir/name`."""
+    `data_dir/name`; a built or imported one is checked against its manifest
+    (data/integrity.py)."""
     if name in PUBLIC_DATASETS:
         return PublicDataSet(name, data_dir, variant)
     if name not in DATASETS:
@@ -58,11 +59,18 @@ def load_builder(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBui
             raise DataError(f"cannot open imported data set {path}: {e}") from None
     builder_cls = builder_class(name)
     try:
-        return builder_cls(
+        builder = builder_cls(
             data_dir=os.path.expanduser(data_dir), config=variant, file_format="array_record"
         )
     except ValueError as e:  # TFDS raises ValueError for an unknown builder config.
         raise DataError(f"data set {name}: {e}") from None
+    if integrity.has_manifest(builder.data_dir):  # only a prepared folder has one
+        rebuild = (
+            f"delete {builder.data_dir} to have it built again on the next run (or `t2i data "
+            f"prepare {name} --data-dir {data_dir} --variant {variant}`)"
+        )
+        integrity.verify(builder.data_dir, name, rebuild)
+    return builder
 
 
 def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
@@ -70,8 +78,11 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
     builder = load_builder(name, data_dir, variant)
     if isinstance(builder, PublicDataSet):  # prepared by the user with TFDS
         return builder.prepare()
+    if name not in DATASETS:  # imported: prepared by `t2i data import`
+        return builder
+    was_prepared = builder.is_prepared()
     if jax.process_index() == 0:
-        if not builder.is_prepared():
+        if not was_prepared:
             tfds.display_progress_bar(False)  # Builds take seconds; keep logs readable.
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(
@@ -86,14 +97,7 @@ def prepare(name: str, data_dir: str, variant: str) -> tfds.core.DatasetBuilder:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"prepare {name}")
-    builder = load_builder(name, data_dir, variant)
-    if name in DATASETS and integrity.has_manifest(builder.data_dir):
-        rebuild = (
-            f"delete {builder.data_dir} to have it built again on the next run (or `t2i data "
-            f"prepare {name} --data-dir {data_dir} --variant {variant}`)"
-        )
-        integrity.verify(builder.data_dir, name, rebuild)
-    return builder
+    return builder if was_prepared else load_builder(name, data_dir, variant)
 
 
 def _rebuild_imported(name: str, data_dir: str) -> str:

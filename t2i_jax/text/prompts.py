@@ -31,18 +31,18 @@ def check_prompts(prompts: Sequence[str], tokenizer=None) -> None:
         where = f"prompt {number}"
         if not prompt.strip():
             raise UserError(f"{where} is empty")
-        for position, ch in enumerate(prompt, 1):
-            if 0xD800 <= ord(ch) <= 0xDFFF:
-                byte = f" (byte 0x{ord(ch) - 0xDC00:02X})" if ord(ch) >= 0xDC80 else ""
-                raise UserError(
-                    f"{where} is not valid UTF-8{byte} at character {position}; pass text"
-                )
         if len(prompt) > MAX_CHARS:
             raise UserError(
                 f"{where} has {len(prompt):,} characters; a prompt has at most {MAX_CHARS:,}"
             )
         for position, ch in enumerate(prompt, 1):
-            if unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn"):
+            category = unicodedata.category(ch)
+            if category == "Cs":  # a lone surrogate: an undecodable byte
+                byte = f" (byte 0x{ord(ch) - 0xDC00:02X})" if ord(ch) >= 0xDC80 else ""
+                raise UserError(
+                    f"{where} is not valid UTF-8{byte} at character {position}; pass text"
+                )
+            if category in ("Cc", "Cf", "Co", "Cn"):
                 raise UserError(
                     f"{where} has the control character {_describe(ch)} at character {position}"
                 )

@@ -28,7 +28,7 @@ from t2i_jax import config as config_lib
 from t2i_jax import rng, sharding
 from t2i_jax.checkpoint import Checkpointer
 from t2i_jax.data import sources
-from t2i_jax.errors import ConfigError, UserError, writing
+from t2i_jax.errors import ConfigError, NonFiniteError, UserError, writing
 from t2i_jax.grid import save_grid
 from t2i_jax.methods import registry
 from t2i_jax.methods.base import Frozen, Method, TrainState
@@ -309,18 +309,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
     )
     writer = MetricWriter(workdir, enabled=primary)
     try:
-        # Unreadable newer checkpoints are skipped and moved aside (checkpoint.py).
-        fits_config = lambda meta, where: check_meta(meta, config, where)  # noqa: E731
-        restored = checkpointer.restore_newest(
-            fns.abstract_state, data_iter, set_aside=True, check_meta=fits_config
-        )
-        meta: dict = {}
-        if restored is not None:
-            state, meta = restored.state, restored.meta
+
+        def resume(data_iter):
+            """(state, data iterator, meta) of the newest readable checkpoint (unreadable
+            newer ones moved aside, checkpoint.py), else of step 0; the log cut there."""
+            restored = checkpointer.restore_newest(
+                fns.abstract_state,
+                data_iter,
+                set_aside=True,
+                check_meta=lambda meta, where: check_meta(meta, config, where),
+            )
+            if restored is None:
+                writer.truncate_after(0)  # rows of a run killed before its first save
+                return fns.init(rng.stream_key(config.seed, "params")), data_iter, {}
             writer.truncate_after(restored.step)
             log.info("resumed from step %d", restored.step)
-        else:
-            state = fns.init(rng.stream_key(config.seed, "params"))
+            return restored.state, data_iter, restored.meta
+
+        state, data_iter, meta = resume(data_iter)
         guarded = config.train.get("skip_nonfinite", True)
         max_skips = config.train.get("max_consecutive_skips", 10)
         streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
@@ -395,37 +401,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
                         pending = None
                     if _streak_reached(streak, unread, max_skips):
                         if rollbacks:
-                            raise nonfinite.NonFiniteError(
+                            raise NonFiniteError(
                                 f"training stopped at step {streak.last_bad_step}: "
                                 f"{streak.describe()}, after its one rollback; the "
                                 f"checkpoints in {checkpointer.directory} are as they were"
                             )
                         checkpointer.wait()
                         log.warning("%s: rolling back", streak.describe())
-                        restored = checkpointer.restore_newest(
-                            fns.abstract_state, data_iter, set_aside=True, check_meta=fits_config
-                        )
-                        back = restored.step if restored is not None else None
-                        log.warning(
-                            "rolled back to %s on another noise stream",
-                            f"step {back}" if back is not None else "the start",
-                        )
-                        if restored is None:
-                            state = fns.init(rng.stream_key(config.seed, "params"))
-                            data_iter = iter(loader)
-                            meta = {}
-                        else:
-                            state, meta = restored.state, restored.meta
-                        # The run as if it had been restarted there: its counters too.
-                        streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
-                        pending = None
-                        step = back or 0
-                        writer.truncate_after(step)
+                        # As if restarted there (its counters too), on another noise stream.
+                        state, data_iter, meta = resume(iter(loader))
+                        step = int(sharding.to_host(state.step))
+                        log.warning("rolled back to step %d on another noise stream", step)
+                        streak, pending = nonfinite.Streak(meta.get("skipped_steps", 0)), None
                         rollbacks += 1
                         noise = noise_stream(config.seed, rollbacks)
                         progress.reset(total=total)
                         progress.update(step)
-                        meter = _throughput_meter(method, fns, config, mesh)
+                        meter.measure()  # restarts its timing window
                         continue
                 row, perf = {}, None
                 if log_now:

@@ -40,10 +40,6 @@ def guard(train_step: Callable) -> Callable:
     return guarded
 
 
-class NonFiniteError(Exception):
-    """Training stopped because updates stayed non-finite after a rollback (exit status 3)."""
-
-
 @dataclasses.dataclass
 class Streak:
     """Skipped steps: in a row (since the last finite one) and in total."""

@@ -46,9 +46,7 @@ def test_imported_images_full_variant_is_its_familys_on_other_data(family):
     the tokenizer's size and the grid prompts replaced, so it needs no compile of its own."""
     path = os.path.join(REPO, "experiments", IMPORTED)
     own = config_lib.load_config(f"{path}:{family}-full")
-    base_file = {"diffusion": "diffusion_shapes.py", "ldm": "ldm_shapes.py"}.get(
-        family, f"{family}_shapes.py"
-    )
+    base_file = f"{family}_shapes.py"
     base = config_lib.load_config(os.path.join(REPO, "experiments", f"{base_file}:full"))
     assert own.data.image_size == FULL[base_file]
     assert own.data.name == "images" and base.data.name == "t2i_shapes"
