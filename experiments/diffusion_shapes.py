@@ -79,6 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.attention_resolutions = (16,)
         c.model.cross_attention_resolutions = (16,)
         c.model.num_heads = 2
-        c.optim.warmup_steps = 2
+        c.optim.update(presets.TEST_OPTIM)
         c.diffusion.sample_steps = 4
     return c

@@ -70,6 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.vae.num_res_blocks = 1
         c.vae.prior_hidden = 16
         c.vae.kl_warmup_steps = 4
-        c.optim.warmup_steps = 2
+        c.optim.update(presets.TEST_OPTIM)
         c.train.eval_every = 3
     return c

@@ -91,6 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.vqvae.prior_width = 16
         c.vqvae.prior_depth = 1
         c.vqvae.prior_heads = 2
-        c.optim.warmup_steps = 2
+        c.optim.update(presets.TEST_OPTIM)
         c.train.eval_every = 3
     return c

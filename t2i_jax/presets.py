@@ -110,6 +110,12 @@ def adamw(lr: float, *, warmup_steps: int, b1: float = 0.9, b2: float = 0.99, em
     return o
 
 
+# The `test` variants' optimizer: a short warm-up, then a constant rate. A cosine decay
+# bakes train.steps into the compiled step; without one, test runs of any length (2 steps,
+# 6, a resumed 3 + 3) compile one train step per family and share it through XLA's cache.
+TEST_OPTIM = {"warmup_steps": 2, "schedule": "constant"}
+
+
 def mesh() -> ml_collections.ConfigDict:
     """The device mesh (t2i_jax/sharding.py): `data` x `fsdp` x `tensor` devices, one -1
     taking what the others leave. fsdp > 1 shards parameters and optimizer state."""

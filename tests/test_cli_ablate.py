@@ -1,24 +1,45 @@
-"""`t2i ablate`: every run of a sweep trained (and evaluated), one results table."""
+"""`t2i ablate`: every run of a sweep trained (and evaluated), one results table.
+
+The sweep's two runs are also the CLI's test of two text encoders with files of their own:
+`tfidf` (its idf stored with the run) and `embedding` (initialised from a word-vector
+file); test_cli.py trains `bert`, the `trained` fixture `transformer`, the GAN `bow`."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 from helpers import EXPERIMENT, check_eval_r_precision, run_cli
+
+from t2i_jax.data import sources
+from t2i_jax.text.bow import TfidfStats, fit_tfidf
+from t2i_jax.text.tokenizer import Tokenizer
 
 SWEEP = """
 def get_sweep(arg=None):
     return {{
         "base": {base!r},
         "runs": {{
-            "bow": {{"text.encoder": "bow"}},
-            "embedding": {{"text.encoder": "embedding", "text.width": {width}}},
+            "tfidf": {{"text.encoder": "tfidf"}},
+            "embedding": {{"text.encoder": "embedding", "text.width": {width},
+                           "text.word_vectors": {vectors!r}}},
         }},
     }}
 """
 
 
+def write_word_vectors(path, width: int) -> str:
+    """A small GloVe-format file: a few caption words, seeded values."""
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "circle", "square", "large", "small", "zebra"]
+    lines = [" ".join([w, *(f"{v:.5f}" for v in rng.normal(size=width))]) for w in words]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def write_sweep(path, width=16) -> str:
-    path.write_text(SWEEP.format(base=f"{EXPERIMENT}:test", width=width))
+    vectors = write_word_vectors(path.with_name("vectors.txt"), width)
+    path.write_text(SWEEP.format(base=f"{EXPERIMENT}:test", width=width, vectors=vectors))
     return str(path)
 
 
@@ -31,7 +52,7 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     results = json.loads((workdir / "results.json").read_text())
-    assert list(results["runs"]) == ["bow", "embedding"]
+    assert list(results["runs"]) == ["tfidf", "embedding"]
     table = (workdir / "results.md").read_text()
     for name, run in results["runs"].items():
         config = json.loads((workdir / name / "config.json").read_text())
@@ -47,7 +68,16 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert f" {r_precision:.3f} |" in row
     assert json.loads((workdir / "embedding" / "config.json").read_text())["text"]["width"] == 16
-    assert "| bow | text.encoder=bow | 2 |" in table and "val R-precision" in table
+    assert "| tfidf | text.encoder=tfidf | 2 |" in table and "val R-precision" in table
+    # Words missing from the vector file are counted in the log.
+    assert re.search(r"word vectors from .*: \d+ of \d+ pieces missing", result.stderr)
+    # The idf of the training captions is stored with the tfidf run.
+    stats = TfidfStats.load(str(workdir / "tfidf" / "tfidf.npz"))
+    tokenizer = Tokenizer.load(str(workdir / "tfidf" / "tokenizer.model"))
+    builder = sources.load_builder("t2i_shapes", data_dir, "small")
+    tokens, mask = tokenizer.encode(sources.training_captions(builder), 16)
+    assert len(tokens) == int(stats.num_documents) == 512
+    np.testing.assert_array_equal(stats.idf, fit_tfidf(tokens, mask, stats.vocab_size).idf)
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3
 
     # The same workdir with other settings is refused before anything is trained.

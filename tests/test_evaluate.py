@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import pytest
 from helpers import EXPERIMENT
 
@@ -25,7 +26,7 @@ def run(evaluators_trained, tmp_path_factory):
     config.train.steps = 2
     config.train.checkpoint_every = 2
     workdir = str(tmp_path_factory.mktemp("run"))
-    train_and_evaluate(config, workdir, show_progress=False)
+    train_and_evaluate(config, workdir, show_progress=False, devices=jax.devices()[:1])
     return workdir
 
 

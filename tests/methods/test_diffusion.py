@@ -73,7 +73,7 @@ def test_train_step_on_8_devices_matches_1_device(test_config, tmp_path):
 def test_loss_decreases_on_a_fixed_batch(test_config, tmp_path):
     test_config.optim.lr = 3e-3
     method = build_method(test_config, tmp_path)
-    fns = loop.compile_functions(method, test_config, sharding.make_mesh())
+    fns = loop.compile_functions(method, test_config, sharding.make_mesh(jax.devices()[:1]))
     state = fns.init(jax.random.key(0))
     batch = random_batch(test_config)
     # Flat colours: learnable in a few steps, unlike the uniform noise of random_batch.

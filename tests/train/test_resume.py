@@ -15,6 +15,10 @@ from t2i_jax.runs.loading import load_run
 from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 
+# One device: resuming is the same on any mesh, and restoring onto another mesh is
+# test_fsdp.py's.
+ONE_DEVICE = jax.devices()[:1]
+
 
 def params_of(workdir):
     return jax.device_get(load_run(str(workdir)).state)
@@ -57,14 +61,14 @@ def test_resume_is_bitwise_equal(experiment, data_dir, tmp_path):
     test_config.train.checkpoint_every = n
     test_config.train.log_every = 1  # The first leg logs its last step; so does straight.
     straight = tmp_path / "straight"
-    train_and_evaluate(test_config, str(straight), show_progress=False)
+    train_and_evaluate(test_config, str(straight), show_progress=False, devices=ONE_DEVICE)
 
     resumed = tmp_path / "resumed"
     first = test_config.copy_and_resolve_references()
     first.train.steps = n
-    train_and_evaluate(first, str(resumed), show_progress=False)
+    train_and_evaluate(first, str(resumed), show_progress=False, devices=ONE_DEVICE)
     assert int(params_of(resumed).step) == n
-    train_and_evaluate(test_config, str(resumed), show_progress=False)
+    train_and_evaluate(test_config, str(resumed), show_progress=False, devices=ONE_DEVICE)
 
     a, b = params_of(straight), params_of(resumed)
     assert int(a.step) == int(b.step) == 2 * n
