@@ -310,9 +310,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
     writer = MetricWriter(workdir, enabled=primary)
     try:
 
-        def resume(data_iter):
-            """(state, data iterator, meta) of the newest readable checkpoint (unreadable
-            newer ones moved aside, checkpoint.py), else of step 0; the log cut there."""
+        def resume(data_iter) -> tuple[TrainState, dict]:
+            """(state, meta) of the newest readable checkpoint, `data_iter` moved to its
+            position (unreadable newer ones moved aside, checkpoint.py), else of step 0;
+            the log cut there."""
             restored = checkpointer.restore_newest(
                 fns.abstract_state,
                 data_iter,
@@ -321,12 +322,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
             )
             if restored is None:
                 writer.truncate_after(0)  # rows of a run killed before its first save
-                return fns.init(rng.stream_key(config.seed, "params")), data_iter, {}
+                return fns.init(rng.stream_key(config.seed, "params")), {}
             writer.truncate_after(restored.step)
             log.info("resumed from step %d", restored.step)
-            return restored.state, data_iter, restored.meta
+            return restored.state, restored.meta
 
-        state, data_iter, meta = resume(data_iter)
+        state, meta = resume(data_iter)
         guarded = config.train.get("skip_nonfinite", True)
         max_skips = config.train.get("max_consecutive_skips", 10)
         streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
@@ -409,10 +410,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
                         checkpointer.wait()
                         log.warning("%s: rolling back", streak.describe())
                         # As if restarted there (its counters too), on another noise stream.
-                        state, data_iter, meta = resume(iter(loader))
+                        data_iter = iter(loader)
+                        state, meta = resume(data_iter)
                         step = int(sharding.to_host(state.step))
                         log.warning("rolled back to step %d on another noise stream", step)
-                        streak, pending = nonfinite.Streak(meta.get("skipped_steps", 0)), None
+                        streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
+                        pending = None
                         rollbacks += 1
                         noise = noise_stream(config.seed, rollbacks)
                         progress.reset(total=total)
