@@ -42,6 +42,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/metrics_speed.py
 	$(BIN)/python benchmarks/input_pipeline.py --step-batch 32
+	$(BIN)/python benchmarks/full_configs.py
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -173,16 +173,12 @@ def untrained_vae_run(data_dir, workdir) -> str:
 
 def full_vae_config_run(workdir) -> str:
     """The VAE run `experiments/ldm_shapes.py:full` builds on, as far as building or
-    compiling the LDM reads it: the config.json of `vae_shapes.py:full` made text-free (a
-    trained run adds checkpoints, which only starting an LDM run reads)."""
+    compiling the LDM reads it (`preflight.stand_in_autoencoder` of `vae_shapes.py:full`)."""
     from t2i_jax import config as config_lib
+    from t2i_jax.train import preflight
 
     vae = config_lib.load_config(os.path.join(REPO, "experiments", "vae_shapes.py:full"))
-    config_lib.apply_overrides(vae, ["vae.conditional=False", "vae.prior=standard"])
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(vae))
-    return str(workdir)
+    return preflight.stand_in_autoencoder(vae, str(workdir))
 
 
 def real_batch(config, builder, method, split: str = "train") -> dict:

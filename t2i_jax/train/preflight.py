@@ -1,9 +1,10 @@
 """Compiling a config's train step without data or weights, before a job is launched.
 
-`compile_train_step(config, text)` builds the method and the mesh as a run does, takes the
+`lower_train_step(config, text)` builds the method and the mesh as a run does, takes the
 train state's and the frozen weights' shapes from `jax.eval_shape` (nothing is allocated,
-no checkpoint is read), lowers the sharded step for abstract inputs and compiles it. It
-returns XLA's memory analysis per device and the step's FLOPs. On a CPU this checks that an
+no checkpoint is read) and lowers the sharded step for abstract inputs: the state's size
+and the step's FLOPs. `compile_train_step` also compiles it and returns XLA's memory
+analysis per device. On a CPU this checks that an
 accelerator-sized config (the experiments' `full` variants) builds and compiles, and what it
 needs per device, so that a broken config fails here rather than on a cluster.
 
@@ -14,7 +15,9 @@ vocabulary size, so `stand_in_text` builds it from the built-in `t2i_shapes` cap
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -55,13 +58,13 @@ class CompiledStep:
     def summary(self) -> str:
         return (
             f"{self.parameters / 1e6:.1f}M params; per device: state "
-            f"{_size(self.state_bytes)}, arguments {_size(self.argument_bytes)}, temporaries "
-            f"{_size(self.temp_bytes)}, peak {_size(self.peak_bytes)}; "
+            f"{format_bytes(self.state_bytes)}, arguments {format_bytes(self.argument_bytes)}, "
+            f"temporaries {format_bytes(self.temp_bytes)}, peak {format_bytes(self.peak_bytes)}; "
             f"{self.flops / 1e9:,.1f} GFLOP per step on {self.devices} device(s)"
         )
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
@@ -70,6 +73,18 @@ def stand_in_text(config: ml_collections.ConfigDict, workdir: str) -> TextSetup:
     under `config.data.dir` on first use), its tokenizer and statistics kept in `workdir`."""
     builder = sources.prepare("t2i_shapes", config.data.dir, "small")
     return build_text(config, TextContext(workdir, builder, config.seed))
+
+
+def stand_in_autoencoder(vae_config: ml_collections.ConfigDict, workdir: str) -> str:
+    """A workdir for a latent-diffusion config's `ldm.autoencoder` holding only the
+    config.json of `vae_config` made text-free: all that building or compiling the LDM
+    reads of its VAE run (a trained run adds the checkpoints a real run starts from)."""
+    vae = copy.deepcopy(vae_config)
+    config_lib.apply_overrides(vae, ["vae.conditional=False", "vae.prior=standard"])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(vae))
+    return workdir
 
 
 def _shard_bytes(tree) -> int:
@@ -84,41 +99,70 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def compile_train_step(
-    config: ml_collections.ConfigDict,
-    text: TextSetup,
-    devices=None,
-    compiler_options: dict | None = None,
-) -> CompiledStep:
-    """Lowers and compiles the config's sharded train step for abstract inputs, on
-    `devices` (default: all). The family's config is checked as the method is built, but
-    not what a run reads when it starts (e.g. latent diffusion's autoencoder checkpoint:
-    only its run's config). `compiler_options` go to XLA; on CPU devices the default is
-    `CPU_COMPILER_OPTIONS`."""
+@dataclasses.dataclass(frozen=True)
+class LoweredStep:
+    """A config's sharded train step lowered for abstract inputs: traced, shapes and
+    shardings checked, not yet compiled."""
+
+    lowered: jax.stages.Lowered
+    parameters: int  # trained parameters, all players
+    state_bytes: int  # params, EMA and optimizer state on one device
+    flops: float  # one step, all devices (XLA cost analysis)
+    devices: int
+    platform: str
+
+
+def lower_train_step(
+    config: ml_collections.ConfigDict, text: TextSetup, devices=None
+) -> LoweredStep:
+    """Builds the method and mesh as a run does and lowers the sharded train step for
+    abstract inputs on `devices` (default: all). Tracing checks the config's shapes,
+    dtypes and shardings in seconds; XLA's memory analysis needs `compile_train_step`.
+    The family's config is checked as the method is built, but not what a run reads when
+    it starts (e.g. latent diffusion's autoencoder checkpoint: only its run's config)."""
     config_lib.validate(config)
     method = registry.build_method(config, text)
     mesh = sharding.make_mesh(devices, config)
     fns = loop.compile_functions(method, config, mesh, method.frozen_shapes())
     batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
     lowered = fns.step_fn.lower(fns.abstract_state, batch, jax.random.key(0), fns.frozen)
-    if compiler_options is None and mesh.devices.flat[0].platform == "cpu":
-        compiler_options = CPU_COMPILER_OPTIONS
-    memory = lowered.compile(compiler_options).memory_analysis()
     if method.microbatches == 1:
         flops = throughput.step_flops(lowered)
     else:  # the cost analysis counts a loop's body once
         flops = loop.train_step_flops(method, fns, config)
+    return LoweredStep(
+        lowered=lowered,
+        parameters=sum(x.size for x in jax.tree.leaves(fns.abstract_state.params)),
+        state_bytes=_shard_bytes(fns.abstract_state),
+        flops=flops,
+        devices=mesh.size,
+        platform=mesh.devices.flat[0].platform,
+    )
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict,
+    text: TextSetup,
+    devices=None,
+    compiler_options: dict | None = None,
+) -> CompiledStep:
+    """`lower_train_step`, then XLA's compile of it and its memory analysis per device.
+    `compiler_options` go to XLA; on CPU devices the default is `CPU_COMPILER_OPTIONS`."""
+    step = lower_train_step(config, text, devices)
+    if compiler_options is None and step.platform == "cpu":
+        compiler_options = CPU_COMPILER_OPTIONS
+    memory = step.lowered.compile(compiler_options).memory_analysis()
 
     def field(name: str) -> int:
         return int(getattr(memory, name, 0) or 0)
 
     return CompiledStep(
-        parameters=sum(x.size for x in jax.tree.leaves(fns.abstract_state.params)),
-        state_bytes=_shard_bytes(fns.abstract_state),
+        parameters=step.parameters,
+        state_bytes=step.state_bytes,
         argument_bytes=field("argument_size_in_bytes"),
         output_bytes=field("output_size_in_bytes"),
         temp_bytes=field("temp_size_in_bytes"),
         alias_bytes=field("alias_size_in_bytes"),
-        flops=flops,
-        devices=mesh.size,
+        flops=step.flops,
+        devices=step.devices,
     )
