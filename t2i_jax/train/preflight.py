@@ -4,9 +4,9 @@
 train state's and the frozen weights' shapes from `jax.eval_shape` (nothing is allocated,
 no checkpoint is read) and lowers the sharded step for abstract inputs: the state's size
 and the step's FLOPs. `compile_train_step` also compiles it and returns XLA's memory
-analysis per device. On a CPU this checks that an
-accelerator-sized config (the experiments' `full` variants) builds and compiles, and what it
-needs per device, so that a broken config fails here rather than on a cluster.
+analysis per device. On a CPU this checks that an accelerator-sized config (the
+experiments' `full` variants) builds and compiles, and what it needs per device, so that a
+broken config fails here rather than on a cluster.
 
 The compiled step depends on the text side only through the encoder's shapes and the
 vocabulary size, so `stand_in_text` builds it from the built-in `t2i_shapes` captions
