@@ -36,8 +36,9 @@ FULL_EXPERIMENTS = (
 )
 
 
-def compile_full(experiment: str, devices, scratch: str) -> tuple[preflight.CompiledStep, float]:
-    """The experiment's full variant compiled on `devices`, and the seconds it took."""
+def compile_full(experiment: str, devices, scratch: str):
+    """(config, compiled step, seconds to lower and compile) of the experiment's full
+    variant on `devices`."""
     config = config_lib.load_config(os.path.join(EXPERIMENTS_DIR, f"{experiment}:full"))
     config.data.dir = os.path.join(scratch, "data")  # t2i_shapes small, for the tokenizer
     if config.method == "ldm":
@@ -48,7 +49,7 @@ def compile_full(experiment: str, devices, scratch: str) -> tuple[preflight.Comp
     text = preflight.stand_in_text(config, workdir)
     start = time.perf_counter()
     step = preflight.compile_train_step(config, text, devices)
-    return step, time.perf_counter() - start
+    return config, step, time.perf_counter() - start
 
 
 def main() -> int:
@@ -66,8 +67,7 @@ def main() -> int:
     over = []
     with tempfile.TemporaryDirectory() as scratch:
         for experiment in args.experiments:
-            step, seconds = compile_full(experiment, devices, scratch)
-            config = config_lib.load_config(os.path.join(EXPERIMENTS_DIR, f"{experiment}:full"))
+            config, step, seconds = compile_full(experiment, devices, scratch)
             sizes = (step.state_bytes, step.temp_bytes, step.peak_bytes)
             print(
                 f"| `{experiment.removesuffix('.py')}:full` | {config.data.image_size} | "
