@@ -9,7 +9,9 @@ import tempfile
 # Every in-process test sees 8 devices, so sharded code paths are the ones tested.
 # Most of the suite's CPU time is XLA compiling many small programs once each; without
 # LLVM's optimisations it compiles in about two thirds of the time (measured on a CLI
-# training run: 44 -> 28 s of CPU). The programs are the same HLO; tests compare against
+# training run: 44 -> 28 s of CPU), and XLA's classic fusion emitters compile faster than
+# its MLIR ones (a test train step: 12.8 -> 9.3 s; four test files: 22-28 % less wall
+# time). The programs are the same HLO; tests compare against
 # references within tolerances, and bitwise comparisons are between runs under the same
 # flags (`helpers.TEST_XLA_FLAGS` for the CLI's processes). Demos and benchmarks use XLA's
 # defaults.

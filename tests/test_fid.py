@@ -198,16 +198,21 @@ def folders(tmp_path_factory):
     return {name: str(root / name) for name in images}
 
 
-def _pytorch_fid_stats(reference, folder):
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    return fid_score.calculate_activation_statistics(
-        files, reference[1], batch_size=BATCH, dims=2048, device="cpu", num_workers=0
-    )
+@pytest.fixture(scope="module")
+def pytorch_fid_stats(reference, folders) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """pytorch-fid's (mu, sigma) of each folder, as `calculate_fid_given_paths` computes
+    them: `compute_statistics_of_path` with its `InceptionV3` wrapper (reference[1])."""
+    return {
+        name: fid_score.compute_statistics_of_path(
+            folder, reference[1], BATCH, 2048, "cpu", num_workers=0
+        )
+        for name, folder in folders.items()
+    }
 
 
-def test_folder_statistics_match_pytorch_fid(reference, ours, folders, tmp_path):
-    for folder, count in ((folders["a"], 10), (folders["b"], 12)):
-        mu_ref, sigma_ref = _pytorch_fid_stats(reference, folder)
+def test_folder_statistics_match_pytorch_fid(ours, folders, pytorch_fid_stats, tmp_path):
+    for name, count in (("a", 10), ("b", 12)):
+        folder, (mu_ref, sigma_ref) = folders[name], pytorch_fid_stats[name]
         # BATCH does not divide the counts: the last, padded batch is exercised.
         stats = fid.stats_of_path(folder, ours, batch_size=BATCH)
         assert stats.count == count
@@ -249,23 +254,21 @@ def test_fid_of_npz_statistics_matches_pytorch_fid_command(reference, tmp_path, 
     assert (d["path_a"], d["path_b"]) == tuple(paths)
 
 
-def test_fid_command_on_two_folders_gives_pytorch_fids_number(reference, folders, tmp_path, capsys):
+def test_fid_command_on_two_folders_gives_pytorch_fids_number(
+    reference, folders, pytorch_fid_stats, tmp_path, capsys
+):
     """`t2i metrics fid A B --inception-weights W` against pytorch-fid with the same weights.
     In this process (`cli.main`), so the Inception network compiled for the tests above is
-    reused; test_cli_metrics.py runs the metrics commands as processes."""
+    reused; test_cli_metrics.py runs the metrics commands as processes. pytorch-fid's number
+    is `calculate_fid_given_paths`'s: the Frechet distance of each folder's statistics."""
     out = tmp_path / "fid.json"
     args = ["metrics", "fid", folders["a"], folders["b"], "--inception-weights", reference[2]]
     assert cli.main([*args, "--batch-size", str(BATCH), "--json", str(out)]) == 0
     assert capsys.readouterr().out.startswith("FID: ")
     reported = json.loads(out.read_text())
-    mp = pytest.MonkeyPatch()
-    mp.setattr(pfi, "fid_inception_v3", lambda: reference[0])  # no download
-    try:
-        expected = fid_score.calculate_fid_given_paths(
-            [folders["a"], folders["b"]], BATCH, "cpu", 2048, num_workers=0
-        )
-    finally:
-        mp.undo()
+    expected = fid_score.calculate_frechet_distance(
+        *pytorch_fid_stats["a"], *pytorch_fid_stats["b"]
+    )
     assert (reported["count_a"], reported["count_b"]) == (10, 12)
     assert reported["weights"] == os.path.basename(reference[2])
     assert reported["value"] == pytest.approx(expected, rel=1e-5)  # measured 9e-7
