@@ -1,6 +1,8 @@
-"""Two JAX processes of 4 devices each on one machine (gloo collectives on loopback)
+"""Two JAX processes of 2 devices each on one machine (gloo collectives on loopback)
 train one run together, as two hosts of a cluster would: the same numbers as one process
-of 8 devices, one stop for both on a signal to either, an error exit when a peer dies."""
+of 4 devices, one stop for both on a signal to either, an error exit when a peer dies.
+(Two devices a process, not more: each process still splits its part of the batch over
+its own devices, and fewer devices on this 2-core machine run and compile faster.)"""
 
 import json
 import os
@@ -23,6 +25,7 @@ from t2i_jax.text.setup import TextContext
 from t2i_jax.train import input_pipeline, loop, multihost, nonfinite
 
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
+DEVICES_PER_PROCESS = 2
 
 
 def free_port() -> int:
@@ -32,14 +35,14 @@ def free_port() -> int:
 
 
 def start_pair(workdir, data_dir, *flags: str) -> list:
-    """Two `t2i train` processes of 4 CPU devices each, one run."""
+    """Two `t2i train` processes of `DEVICES_PER_PROCESS` CPU devices each, one run."""
     port = free_port()
     return [
         start_cli(
             *train_args(workdir, data_dir, *flags),
             *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
             *("--process-id", str(i)),
-            env_extra={"XLA_FLAGS": f"{TEST_XLA_FLAGS} {DEVICES_FLAG}=4"},
+            env_extra={"XLA_FLAGS": f"{TEST_XLA_FLAGS} {DEVICES_FLAG}={DEVICES_PER_PROCESS}"},
         )
         for i in range(2)
     ]
@@ -56,7 +59,7 @@ def wait_for_checkpoint(procs, workdir, step: int, timeout: float = 300) -> None
 
 def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     """What one process computes for the two-process run in `workdir`: its config, seed,
-    tokenizer and global batches, on a mesh of 8 devices (as the two processes' 4 each),
+    tokenizer and global batches, on a mesh of 4 devices (as the two processes' 2 each),
     stepped as `train_and_evaluate` steps; the metrics of every logged step.
 
     Global batch = process 0's part then process 1's: each process reads its own shard of
@@ -66,7 +69,8 @@ def one_process_losses(workdir, num_steps: int) -> dict[int, dict[str, float]]:
     text = build_text(config, TextContext(str(workdir), None, config.seed))
     method = registry.build_method(config, text)
     frozen = frozen_store.load_or_create(str(workdir), method, write=False)
-    fns = loop.compile_functions(method, config, sharding.make_mesh(jax.devices()), frozen)
+    devices = jax.devices()[: 2 * DEVICES_PER_PROCESS]
+    fns = loop.compile_functions(method, config, sharding.make_mesh(devices), frozen)
     shards = [
         iter(
             input_pipeline.make_loader(
@@ -132,7 +136,7 @@ def test_two_processes_train_as_one_stop_together_and_a_dead_peer_ends_the_other
     1. Train; after the step-5 checkpoint, SIGTERM to process 1 only: both stop after the
        same step, with one checkpoint holding both processes' iterator positions. Process
        0 alone wrote the logs and the step-4 grid; every logged number is that of one
-       process of 8 devices fed the same global batches.
+       process of 4 devices fed the same global batches.
     2. Resume from that checkpoint; SIGKILL process 1: process 0 exits with an error within
        the heartbeat timeout instead of waiting in a collective for ever.
 
@@ -164,7 +168,7 @@ def test_two_processes_train_as_one_stop_together_and_a_dead_peer_ends_the_other
     assert logged == list(range(2, step + 1, 2))  # once each: process 0 alone writes
 
     # The numbers are those of one process with the same global batches, within float32
-    # round-off: the same program on an 8-device mesh, but its gradient all-reduce is
+    # round-off: the same program on a 4-device mesh, but its gradient all-reduce is
     # compiled separately for one process and for two, and XLA may order the sums
     # differently. Seen: the losses of steps 2 and 4 bit for bit, step 6's 6e-8 apart
     # (relative), a grad_norm 1 ulp apart.
