@@ -26,9 +26,8 @@ def train_args(workdir, data_dir, *extra: str) -> list[str]:
     ]
 
 
-# XLA without LLVM's optimisations and with its classic fusion emitters: the suite
-# compiles faster (see conftest.py).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# XLA without LLVM's optimisations: the suite compiles faster (see conftest.py).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def cli_env() -> dict:
