@@ -2,7 +2,7 @@
 train one run together, as two hosts of a cluster would: the same numbers as one process
 of 4 devices, one stop for both on a signal to either, an error exit when a peer dies.
 (Two devices a process, not more: each process still splits its part of the batch over
-its own devices, and fewer devices on this 2-core machine run and compile faster.)"""
+its own devices, and a 2-core test machine has fewer device threads to run.)"""
 
 import json
 import os
@@ -170,8 +170,8 @@ def test_two_processes_train_as_one_stop_together_and_a_dead_peer_ends_the_other
     # The numbers are those of one process with the same global batches, within float32
     # round-off: the same program on a 4-device mesh, but its gradient all-reduce is
     # compiled separately for one process and for two, and XLA may order the sums
-    # differently. Seen: the losses of steps 2 and 4 bit for bit, step 6's 6e-8 apart
-    # (relative), a grad_norm 1 ulp apart.
+    # differently. Seen with 4 devices a process: the losses of steps 2 and 4 bit for bit,
+    # step 6's 6e-8 apart (relative), a grad_norm 1 ulp apart.
     expected = one_process_losses(workdir, num_steps=6)
     assert sorted(expected) == [2, 4, 6]
     for row in rows[:3]:
