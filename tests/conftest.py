@@ -11,11 +11,12 @@ import tempfile
 # LLVM's optimisations it compiles in about two thirds of the time (measured on a CLI
 # training run: 44 -> 28 s of CPU). (XLA's classic CPU fusion emitters,
 # `--xla_cpu_use_fusion_emitters=false`, compile a test train step in 9.3 s, not 12.8, but
-# they break test_cached_sampling_equals_uncached_sampling: its float64 cached and uncached
-# code draws differ.) The programs are the same HLO; tests compare against
-# references within tolerances, and bitwise comparisons are between runs under the same
-# flags (`helpers.TEST_XLA_FLAGS` for the CLI's processes). Demos and benchmarks use XLA's
-# defaults.
+# they miscompile the code prior's float64 uncached sampling loop: its draws differ from
+# the default emitters' from the first code on, not by round-off; the elementwise float64
+# functions agree to 1e-15. test_cached_sampling_equals_uncached_sampling fails with them.)
+# The programs are the same HLO; tests compare against references within tolerances, and
+# bitwise comparisons are between runs under the same flags (`helpers.TEST_XLA_FLAGS` for
+# the CLI's processes). Demos and benchmarks use XLA's defaults.
 from helpers import TEST_XLA_FLAGS  # noqa: E402
 
 _flags = os.environ.get("XLA_FLAGS", "").split()

@@ -74,6 +74,7 @@ CASES = [
                                                "--workdir", "{root}/new_run"), "{root}/raises.py: get_config() raised RuntimeError: boom"),  # fmt: skip
     Case("config: non-positive max_consecutive_skips",
          _train("--config.train.max_consecutive_skips=0"), "config key 'train.max_consecutive_skips' must be a positive int, got 0"),  # fmt: skip
+    Case("config: latent diffusion without its VAE run", ("train", "--config", "experiments/ldm_shapes.py:test", "--workdir", "{root}/new_run", "--config.data.dir={root}/data", "--config.ldm.autoencoder={root}/nowhere"), "ldm.autoencoder: no VAE run at {root}/nowhere (no config.json); train one first (see experiments/ldm_shapes.py)"),
     Case("workdir: a file", ("train", "--config", EXP, "--workdir", "{root}/a_file",
                              "--config.data.dir={root}/data"), "workdir is not a directory: {root}/a_file"),  # fmt: skip
     Case("ablate: a sweep file that raises", ("ablate", "--sweep", "{root}/raises.py",
@@ -95,6 +96,8 @@ CASES = [
     Case("checkpoint: of another image size", _sample("a red circle", workdir="{root}/size_run"), "checkpoint {root}/size_run/checkpoints/1 is of a run with image_size=32, the run's config has 64: checkpoints copied from another run?"),
     Case("eval: missing workdir", ("eval", "--workdir", "{root}/nope"), "workdir not found: {root}/nope"),
     Case("eval: --num 1", ("eval", "--workdir", "{root}/run", "--num", "1"), "evaluation needs at least 2 captions per split, got num=1"),
+    Case("sample: an option of another family", _sample("a red circle", workdir="{root}/vae", extra=("--guidance", "3")), "--guidance does not apply to a vae run; its sample options: --temperature"),
+    Case("reconstruct: an unknown split", ("reconstruct", "--workdir", "{root}/vae", "--split", "tarin", "--out", "{root}/out/r.png"), "unknown split 'tarin'; choose from ['compositional', 'test', 'train', 'validation']"),
     Case("reconstruct: a family that cannot", ("reconstruct", "--workdir", "{root}/run",
                                                 "--out", "{root}/out/r.png"), "a diffusion run has no encoder: nothing to reconstruct"),  # fmt: skip
     # -- images for metrics ------------------------------------------------------------
