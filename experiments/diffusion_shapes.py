@@ -39,11 +39,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.schedule = "cosine"  # cosine | linear
     c.diffusion.prediction = "v"  # v | eps (v stays well-conditioned at high noise)
     c.diffusion.p_uncond = 0.1  # caption dropout for classifier-free guidance
-    c.diffusion.sampler = "ddim"  # ddim | ddpm
+    c.diffusion.sampler = "ddim"  # ddim | ddpm | euler | heun | dpmpp_2m (methods/samplers.py)
     c.diffusion.sample_steps = 50
     c.diffusion.eta = 0.0
     c.diffusion.guidance = 3.0
     c.diffusion.clip_denoised = True
+    # Training options, all off (0 / False) by default (methods/diffusion.py, schedules.py):
+    c.diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (Hang et al.: 5)
+    c.diffusion.offset_noise = 0.0  # per-image, per-channel noise offset (e.g. 0.1)
+    c.diffusion.input_perturbation = 0.0  # input-only extra noise (Ning et al.: 0.1)
+    c.diffusion.zero_terminal_snr = False  # rescale the schedule to SNR 0 at T (needs v)
 
     c.optim = presets.adamw(3e-4, warmup_steps=200)
     c.train = presets.train(variant)

@@ -88,6 +88,7 @@ CASES = [
     Case("prompt: control characters", _sample("a red\x07 circle"), "prompt 1 has the control character U+0007 at character 6"),
     Case("prompt: emoji", _sample("a red circle \U0001f642"), "prompt 1 has U+1F642 SLIGHTLY SMILING FACE, a character the run's tokenizer never saw in its training captions (it would read as unknown)"),
     Case("sample: no prompt", _sample(), "t2i sample needs --prompt (repeatable) and --out"),
+    Case("sample: eta for an ODE sampler", _sample("a red circle", extra=("--sampler", "heun", "--eta", "0.5")), "eta=0.5 is DDIM's noise; the heun sampler is deterministic"),
     Case("sample: --num 0", _sample("a red circle", extra=("--num", "0")), "--num must be at least 1, got 0"),
     # -- runs and checkpoints -----------------------------------------------------------
     Case("sample: missing workdir", _sample("a red circle", workdir="{root}/nope"), "workdir not found: {root}/nope"),

@@ -23,13 +23,44 @@ from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextSetup
 
 
+def training_noise(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    rows: Rows,
+    *,
+    offset: float,
+    perturbation: float,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+    """(noise, input_noise) of a training step: x_t is noised with input_noise, the target is
+    computed from noise. Both are N(0, I) draws of `shape` [B, H, W, C] unless
+    offset > 0: noise + offset * a per-image, per-channel N(0, 1) shift, for both (offset
+    noise, Guttenberg 2023: lets the model change an image's mean brightness);
+    perturbation > 0: input_noise = noise + perturbation * N(0, I), the target's noise
+    unchanged (input perturbation, Ning et al. 2023: against exposure bias).
+    With both 0 the noise is exactly the draw of `key`, as before these options."""
+    noise = rows.normal(key, shape, dtype)
+    if offset:
+        shift = rows.normal(jax.random.fold_in(key, 1), (shape[0], 1, 1, shape[-1]), dtype)
+        noise = noise + offset * shift
+    if not perturbation:
+        return noise, noise
+    return noise, noise + perturbation * rows.normal(jax.random.fold_in(key, 2), shape, dtype)
+
+
 class Diffusion(Method):
     """The diffusion family."""
 
     sample_options = (
         SampleOption("guidance", float, "classifier-free guidance scale w", "diffusion.guidance"),
         SampleOption("steps", int, "sampler steps", "diffusion.sample_steps"),
-        SampleOption("sampler", str, "ddim or ddpm", "diffusion.sampler", ("ddim", "ddpm")),
+        SampleOption(
+            "sampler",
+            str,
+            "ddim, ddpm, euler, heun or dpmpp_2m (Karras sigmas)",
+            "diffusion.sampler",
+            samplers.SAMPLERS,
+        ),  # fmt: skip
         SampleOption("eta", float, "DDIM's eta (0: deterministic)", "diffusion.eta"),
     )
 
@@ -40,6 +71,17 @@ class Diffusion(Method):
             raise ConfigError(
                 f"unknown diffusion.sampler '{dc.sampler}'; choose {samplers.SAMPLERS}"
             )
+        for key in ("min_snr_gamma", "offset_noise", "input_perturbation"):
+            if dc.get(key, 0.0) < 0:
+                raise ConfigError(f"diffusion.{key} must be >= 0 (0: off), got {dc[key]}")
+        if dc.get("zero_terminal_snr", False) and dc.prediction != "v":
+            raise ConfigError(
+                "diffusion.zero_terminal_snr needs diffusion.prediction=v: eps-prediction "
+                "cannot give x0 at the last step's SNR of 0"
+            )
+        if dc.sampler in samplers.ODE and dc.eta:
+            raise ConfigError(f"diffusion.eta={dc.eta} is DDIM's; the {dc.sampler} sampler is "
+                              "deterministic (set diffusion.eta=0)")  # fmt: skip
         schedules.alphas_cumprod(dc.schedule, dc.timesteps)
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, dc.prediction)
         if config.method == "diffusion":  # latent diffusion's size is its latents'
@@ -59,9 +101,11 @@ class Diffusion(Method):
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         size = config.data.image_size
         self.sample_shape: tuple[int, ...] = (size, size, 3)  # what the UNet denoises
-        self.alpha_bar = jnp.asarray(
-            schedules.alphas_cumprod(self.dc.schedule, self.dc.timesteps), jnp.float32
+        # Runs from before the training options have none of their keys: all off.
+        schedule = schedules.alphas_cumprod(
+            self.dc.schedule, self.dc.timesteps, self.dc.get("zero_terminal_snr", False)
         )
+        self.alpha_bar = jnp.asarray(schedule, jnp.float32)
 
     def unet_fields(self) -> dict:
         """The UNet's fields: `config.model` (its output has the image's 3 channels)."""
@@ -111,17 +155,30 @@ class Diffusion(Method):
         """Per-example denoising loss (mean over pixels), vdm style: the caller reduces.
         `rows`: the microbatch `batch` is of the step's batch (draws are the batch's)."""
         k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
+        dc = self.dc
         x0 = batch["image"]
-        t = rows.randint(k_t, (x0.shape[0],), 0, self.dc.timesteps)
-        noise = rows.normal(k_noise, x0.shape, x0.dtype)
-        drop = rows.bernoulli(k_drop, self.dc.p_uncond, (x0.shape[0],))
+        t = rows.randint(k_t, (x0.shape[0],), 0, dc.timesteps)
+        noise, input_noise = training_noise(
+            k_noise,
+            x0.shape,
+            rows,
+            offset=dc.get("offset_noise", 0.0),
+            perturbation=dc.get("input_perturbation", 0.0),
+            dtype=x0.dtype,
+        )
+        drop = rows.bernoulli(k_drop, dc.p_uncond, (x0.shape[0],))
         k_text, k_unet = jax.random.split(rows.key(k_dropout))
         text_params = self.conditioner.params(params, frozen)
         feats = self.conditioner.features(text_params, batch, drop, train=train, rng=k_text)
-        x_t = schedules.q_sample(x0, t, noise, self.alpha_bar)
+        x_t = schedules.q_sample(x0, t, input_noise, self.alpha_bar)
         output = self._denoise(params, x_t, t, feats, train=train, rng=k_unet)
-        target = schedules.target(x0, noise, self.alpha_bar[t], self.dc.prediction)
-        return jnp.mean(jnp.square(output - target), axis=(1, 2, 3))
+        target = schedules.target(x0, noise, self.alpha_bar[t], dc.prediction)
+        loss = jnp.mean(jnp.square(output - target), axis=(1, 2, 3))
+        if dc.get("min_snr_gamma", 0.0):
+            loss = loss * schedules.min_snr_weight(
+                self.alpha_bar[t], dc.min_snr_gamma, dc.prediction
+            )
+        return loss
 
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Frozen | None = None
@@ -164,8 +221,7 @@ class Diffusion(Method):
         null = self.conditioner.null(text_params, batch) if guidance != 1.0 else None
         feats = cfg.doubled(cond, null, guidance)
 
-        def denoise(x_t, timestep):
-            ab = self.alpha_bar[timestep]
+        def denoise(x_t, timestep, ab):
             x_in, t_in = cfg.doubled((x_t, timestep), (x_t, timestep), guidance)
             out = cfg.combine(self._denoise(model, x_in, t_in, feats), batch, guidance)
             return schedules.to_x0_eps(out, x_t, ab, dc.prediction)

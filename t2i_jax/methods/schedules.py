@@ -35,10 +35,33 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
-def alphas_cumprod(name: str, num_timesteps: int) -> np.ndarray:
+def alphas_cumprod(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> np.ndarray:
     if name not in SCHEDULES:
         raise ConfigError(f"unknown diffusion.schedule '{name}'; choose from {sorted(SCHEDULES)}")
-    return np.cumprod(1.0 - SCHEDULES[name](num_timesteps))
+    alpha_bar = np.cumprod(1.0 - SCHEDULES[name](num_timesteps))
+    return rescale_zero_terminal_snr(alpha_bar) if zero_terminal_snr else alpha_bar
+
+
+def rescale_zero_terminal_snr(alpha_bar: np.ndarray) -> np.ndarray:
+    """Lin et al. (2024), Alg. 1: sqrt(alpha_bar) shifted and scaled so that the last step
+    is pure noise (SNR 0, as the sampler's start x_T ~ N(0, I) assumes) and the first keeps
+    its value. Needs v-prediction: eps-prediction cannot give x0 at SNR 0."""
+    root = np.sqrt(alpha_bar)
+    first, last = root[0], root[-1]
+    return ((root - last) * first / (first - last)) ** 2
+
+
+def min_snr_weight(alpha_bar_t: jax.Array, gamma: float, prediction: str) -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for eps- and
+    min(SNR, gamma) / (SNR + 1) for v-prediction, SNR = ab / (1 - ab). Both turn the
+    loss into the x0 error weighted by min(SNR, gamma): high-SNR steps stop dominating."""
+    snr = alpha_bar_t / (1.0 - alpha_bar_t)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    raise ConfigError(f"unknown diffusion.prediction '{prediction}'; choose eps or v")
 
 
 def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, alpha_bar: jax.Array) -> jax.Array:

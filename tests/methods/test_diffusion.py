@@ -121,6 +121,11 @@ def test_sample_shapes_range_and_determinism(test_config, prediction, tmp_path):
     guided = np.asarray(sample(params, text, jax.random.key(1), guidance=1.0))
     unguided_ddpm = sample(params, text, jax.random.key(1), guidance=1.0, sampler="ddpm")
     assert not np.allclose(a, guided) and not np.allclose(guided, unguided_ddpm)
+    if prediction == "v":  # An ODE sampler through the network: Heun tells it fractional
+        # timesteps (Karras sigmas); its arithmetic is test_samplers.py's.
+        heun = np.asarray(sample(params, text, jax.random.key(1), sampler="heun"))
+        assert heun.shape == a.shape and np.all(np.abs(heun) <= 1.0)
+        assert not np.allclose(heun, a, atol=1e-3)
     # Guidance 0 is the unconditional model: the empty caption's samples, unguided.
     null_tokens, null_mask = method.text_setup.tokenizer.empty(test_config.text.max_len)
     empty = {
