@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--no-inception", action="store_true", help="skip FID, KID, IS, precision/recall"
     )
+    evaluate.add_argument(
+        "--out-dir",
+        help="write metrics.json and the grids here (default: WORKDIR/eval, whose numbers "
+        "the run's report shows); the family's sample options (`t2i sample --workdir W "
+        "--help`), e.g. --sampler heun --steps 10, override the run's",
+    )
 
     reconstruct = sub.add_parser(
         "reconstruct", help="originals next to a VAE-family run's reconstructions, PSNR/SSIM"
@@ -327,6 +333,18 @@ def _sample_options_parser(method_name: str, options) -> argparse.ArgumentParser
     return parser
 
 
+def _family_options(method_name: str, options, extra: list[str]) -> dict:
+    """The values of a family's sample flags in `extra` ({name: value}, unset ones left
+    out); a flag the family does not declare is an error."""
+    known, unknown = _sample_options_parser(method_name, options).parse_known_args(extra)
+    if unknown:
+        flags = " ".join(o.flag for o in options) or "none"
+        raise UserError(
+            f"{unknown[0]} does not apply to a {method_name} run; its sample options: {flags}"
+        )
+    return {k: v for k, v in vars(known).items() if v is not None}
+
+
 def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
     from t2i_jax.methods.registry import method_class
     from t2i_jax.runs.loading import read_config
@@ -344,12 +362,7 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
         return 0
     if not args.prompt or not args.out:
         raise UserError("t2i sample needs --prompt (repeatable) and --out")
-    known, unknown = options_parser.parse_known_args(extra)
-    if unknown:
-        flags = " ".join(o.flag for o in options) or "none"
-        raise UserError(
-            f"{unknown[0]} does not apply to a {config.method} run; its sample options: {flags}"
-        )
+    known = _family_options(config.method, options, extra)
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     from t2i_jax.text.prompts import check_prompts
@@ -360,7 +373,7 @@ def _sample(args, parser: argparse.ArgumentParser, extra: list[str]) -> int:
     from t2i_jax.pipeline import Pipeline
 
     pipe = Pipeline.from_workdir(args.workdir, compute_dtype=args.compute_dtype)
-    images = pipe(args.prompt, num=args.num, seed=args.seed, output="numpy", **vars(known))
+    images = pipe(args.prompt, num=args.num, seed=args.seed, output="numpy", **known)
     save_grid(args.out, images, args.prompt)
     print(f"wrote {args.out}")
     return 0
@@ -556,11 +569,19 @@ def _metrics(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _eval(args, extra: list[str]) -> int:
     from t2i_jax.eval.evaluate import evaluate_run
+    from t2i_jax.methods.registry import method_class
+    from t2i_jax.runs.loading import read_config
 
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
+    options = {}
+    if extra:  # the family's sample flags, as `t2i sample` takes them
+        config = read_config(args.workdir)
+        options = _family_options(config.method, method_class(config.method).sample_options,
+                                  extra)  # fmt: skip
+    out_dir = args.out_dir or os.path.join(args.workdir, "eval")
     evaluate_run(
         args.workdir,
         num=args.num,
@@ -568,8 +589,10 @@ def _eval(args) -> int:
         batch_size=args.batch_size,
         inception_weights=args.inception_weights,
         use_inception=not args.no_inception,
+        sample_options=options,
+        out_dir=out_dir,
     )
-    print(f"wrote {os.path.join(args.workdir, 'eval', 'metrics.json')}")
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return 0
 
 
@@ -651,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         rest, overrides = _split_config_overrides(argv)
         parser = _parser()
         args, extra = parser.parse_known_args(rest)
-        if extra and args.command != "sample":  # only sample takes a family's own flags
+        if extra and args.command not in ("sample", "eval"):  # a family's own flags
             parser.parse_args(rest)
         if overrides and args.command not in ("train", "compile", "ablate"):
             raise UserError(
@@ -665,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             return _sample(args, parser.sample_parser, extra)
         if args.command == "eval":
-            return _eval(args)
+            return _eval(args, extra)
         if args.command == "ablate":
             return _ablate(args, overrides)
         if args.command == "reconstruct":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import jax
 import pytest
@@ -104,6 +105,30 @@ def test_different_seed_different_samples(run, evaluated):
     a = first["splits"]["validation"]["generated"]["probe_fd"]
     assert other["splits"]["validation"]["generated"]["probe_fd"] != a
     assert other["seed"] == 1
+
+
+def test_eval_takes_the_familys_sample_options_and_another_folder(run, evaluated, capsys):
+    """`t2i eval --sampler dpmpp_2m --steps 3 --out-dir D`: other samples, the options
+    recorded in D/metrics.json, and the run's own evaluation (and report) left alone."""
+    from t2i_jax import cli
+
+    _, first, first_file, _ = evaluated
+    report = pathlib.Path(run, "report.md")
+    report_before = report.read_text()
+    out = os.path.join(run, "eval_dpm")
+    argv = ["eval", "--workdir", run, "--num", str(NUM), "--batch-size", "8", "--no-inception",
+            "--sampler", "dpmpp_2m", "--steps", "3", "--out-dir", out]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}/metrics.json"
+    with open(os.path.join(out, "metrics.json")) as f:
+        other = json.load(f)
+    assert other["sample_options"] == {**first["sample_options"], "sampler": "dpmpp_2m", "steps": 3}
+    a = first["splits"]["validation"]["generated"]["probe_fd"]
+    assert other["splits"]["validation"]["generated"]["probe_fd"] != a
+    assert os.path.isfile(os.path.join(out, "samples_validation.png"))
+    with open(os.path.join(run, "eval", "metrics.json")) as f:
+        assert json.load(f) == first_file
+    assert report.read_text() == report_before
 
 
 def test_training_report_keeps_the_evaluation(evaluated):

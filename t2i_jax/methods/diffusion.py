@@ -213,19 +213,9 @@ class Diffusion(Method):
         steps = dc.sample_steps if steps is None else steps
         sampler = dc.sampler if sampler is None else sampler
         eta = dc.eta if eta is None else eta
-        model = params["model"]
-        text_params = self.conditioner.params(model, frozen)
-        tokens, mask = captions["tokens"], captions["mask"]
-        batch = tokens.shape[0]
-        cond = self.conditioner.encode(text_params, tokens, mask)
-        null = self.conditioner.null(text_params, batch) if guidance != 1.0 else None
-        feats = cfg.doubled(cond, null, guidance)
-
-        def denoise(x_t, timestep, ab):
-            x_in, t_in = cfg.doubled((x_t, timestep), (x_t, timestep), guidance)
-            out = cfg.combine(self._denoise(model, x_in, t_in, feats), batch, guidance)
-            return schedules.to_x0_eps(out, x_t, ab, dc.prediction)
-
+        feats = self.guided_features(params, captions, frozen, guidance)
+        denoise = self.guided_denoiser(params, feats, guidance)
+        batch = captions["tokens"].shape[0]
         k_init, k_loop = jax.random.split(rng)
         x_T = jax.random.normal(k_init, (batch, *self.sample_shape), jnp.float32)
         timesteps = samplers.sampling_timesteps(dc.timesteps, steps)
@@ -240,6 +230,29 @@ class Diffusion(Method):
             clip_denoised=dc.clip_denoised,
         )
         return self.finish(frozen, x0)
+
+    def guided_features(
+        self, params, captions: dict, frozen: Frozen | None, guidance: float
+    ) -> TextFeatures:
+        """The captions' features for `guided_denoiser`, encoded once a sample: the
+        conditional ones, then (guidance != 1) the empty caption's."""
+        text_params = self.conditioner.params(params["model"], frozen)
+        tokens, mask = captions["tokens"], captions["mask"]
+        cond = self.conditioner.encode(text_params, tokens, mask)
+        null = self.conditioner.null(text_params, tokens.shape[0]) if guidance != 1.0 else None
+        return cfg.doubled(cond, null, guidance)
+
+    def guided_denoiser(self, params, feats: TextFeatures, guidance: float) -> samplers.Denoiser:
+        """The sampler's `denoise(x_t, t, ab) -> (x0, eps)`: one network pass over a batch
+        of 2B (B: guidance 1), out_uncond + w (out_cond - out_uncond)."""
+        model = params["model"]
+
+        def denoise(x_t, timestep, ab):
+            x_in, t_in = cfg.doubled((x_t, timestep), (x_t, timestep), guidance)
+            out = cfg.combine(self._denoise(model, x_in, t_in, feats), x_t.shape[0], guidance)
+            return schedules.to_x0_eps(out, x_t, ab, self.dc.prediction)
+
+        return denoise
 
     def finish(self, frozen: Frozen | None, x0: jax.Array) -> jax.Array:
         """The sampler's x0 -> images in [-1, 1] (for pixels: clipped)."""
