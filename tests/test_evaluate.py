@@ -112,9 +112,9 @@ def test_eval_takes_the_familys_sample_options_and_another_folder(run, evaluated
     recorded in D/metrics.json, and the run's own evaluation (and report) left alone."""
     from t2i_jax import cli
 
-    _, first, first_file, _ = evaluated
-    report = pathlib.Path(run, "report.md")
-    report_before = report.read_text()
+    _, first, _, _ = evaluated
+    report, own = pathlib.Path(run, "report.md"), pathlib.Path(run, "eval", "metrics.json")
+    report_before, own_before = report.read_text(), own.read_text()  # (other tests rewrite)
     out = os.path.join(run, "eval_dpm")
     argv = ["eval", "--workdir", run, "--num", str(NUM), "--batch-size", "8", "--no-inception",
             "--sampler", "dpmpp_2m", "--steps", "3", "--out-dir", out]  # fmt: skip
@@ -126,9 +126,7 @@ def test_eval_takes_the_familys_sample_options_and_another_folder(run, evaluated
     a = first["splits"]["validation"]["generated"]["probe_fd"]
     assert other["splits"]["validation"]["generated"]["probe_fd"] != a
     assert os.path.isfile(os.path.join(out, "samples_validation.png"))
-    with open(os.path.join(run, "eval", "metrics.json")) as f:
-        assert json.load(f) == first_file
-    assert report.read_text() == report_before
+    assert own.read_text() == own_before and report.read_text() == report_before
 
 
 def test_training_report_keeps_the_evaluation(evaluated):
