@@ -57,10 +57,10 @@ class Diffusion(Method):
         SampleOption(
             "sampler",
             str,
-            "ddim, ddpm, euler, heun or dpmpp_2m (Karras sigmas)",
+            "ddim, ddpm, dpmpp_2m, or euler or heun (on Karras sigmas)",
             "diffusion.sampler",
             samplers.SAMPLERS,
-        ),  # fmt: skip
+        ),
         SampleOption("eta", float, "DDIM's eta (0: deterministic)", "diffusion.eta"),
     )
 
@@ -79,9 +79,7 @@ class Diffusion(Method):
                 "diffusion.zero_terminal_snr needs diffusion.prediction=v: eps-prediction "
                 "cannot give x0 at the last step's SNR of 0"
             )
-        if dc.sampler in samplers.ODE and dc.eta:
-            raise ConfigError(f"diffusion.eta={dc.eta} is DDIM's; the {dc.sampler} sampler is "
-                              "deterministic (set diffusion.eta=0)")  # fmt: skip
+        samplers.check_sampler(dc.sampler, dc.eta)  # eta only with ddim
         schedules.alphas_cumprod(dc.schedule, dc.timesteps)
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, dc.prediction)
         if config.method == "diffusion":  # latent diffusion's size is its latents'
@@ -172,12 +170,11 @@ class Diffusion(Method):
         feats = self.conditioner.features(text_params, batch, drop, train=train, rng=k_text)
         x_t = schedules.q_sample(x0, t, input_noise, self.alpha_bar)
         output = self._denoise(params, x_t, t, feats, train=train, rng=k_unet)
-        target = schedules.target(x0, noise, self.alpha_bar[t], dc.prediction)
+        alpha_bar_t = self.alpha_bar[t]
+        target = schedules.target(x0, noise, alpha_bar_t, dc.prediction)
         loss = jnp.mean(jnp.square(output - target), axis=(1, 2, 3))
         if dc.get("min_snr_gamma", 0.0):
-            loss = loss * schedules.min_snr_weight(
-                self.alpha_bar[t], dc.min_snr_gamma, dc.prediction
-            )
+            loss = loss * schedules.min_snr_weight(alpha_bar_t, dc.min_snr_gamma, dc.prediction)
         return loss
 
     def train_step(

@@ -56,9 +56,11 @@ def timestep_of_sigma(sigma: np.ndarray, alpha_bar) -> np.ndarray:
     return np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas), dtype=np.float64))
 
 
-def check_sampler(sampler: str) -> None:
+def check_sampler(sampler: str, eta: float = 0.0) -> None:
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler '{sampler}'; choose from {SAMPLERS}")
+    if sampler in ODE and eta:
+        raise ConfigError(f"eta={eta} is DDIM's noise; the {sampler} sampler is deterministic")
 
 
 def sample_loop(
@@ -81,10 +83,8 @@ def sample_loop(
     Karras sigmas instead (`ode_loop`, for which `alpha_bar` must be concrete: it is the
     method's constant).
     """
-    check_sampler(sampler)
+    check_sampler(sampler, eta)
     if sampler in ODE:
-        if eta:
-            raise ConfigError(f"eta={eta} is DDIM's noise; the {sampler} sampler is deterministic")
         sigmas_t = schedule_sigmas(alpha_bar)
         if sampler in KARRAS:
             sigmas = karras_sigmas(sigmas_t[0], sigmas_t[-1], len(timesteps))[:-1]
