@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.cross_attention_resolutions = (16, 8)
     c.model.num_heads = 4
     c.model.dropout = 0.0
+    c.model.position_embedding = "none"  # none | sincos | learned, at attention layers
+    c.model.coord_channels = False  # row and column as two more input channels
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.timesteps = 1000

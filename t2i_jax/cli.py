@@ -39,6 +39,18 @@ EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 3  # updates stayed NaN/Inf after a rollback (train/nonfinite.py)
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    """ "0,1,2" -> (0, 1, 2): distinct integers, at least one."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        msg = f"not a comma-separated list of integers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated: {text!r}")
+    return seeds
+
+
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
     rest, overrides = [], []
@@ -168,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--eval", action="store_true", help="`t2i eval` every run")
     ablate.add_argument("--num", type=int, default=256, help="eval captions per split")
     ablate.add_argument("--seed", type=int, default=0, help="eval seed")
+    ablate.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="train every entry once per seed, e.g. 0,1,2: metrics as mean ± std",
+    )
     ablate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     metrics = sub.add_parser(
@@ -610,6 +627,7 @@ def _ablate(args, overrides: list[str]) -> int:
             evaluate=args.eval,
             num=args.num,
             seed=args.seed,
+            seeds=args.seeds,
             show_progress=not args.no_progress,
         )
     except Preempted as e:

@@ -34,6 +34,35 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return emb
 
 
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> jax.Array:
+    """Fixed 2-D sin-cos position embedding, float32 [height * width, dim], row-major.
+
+    The MoCo v3 / big_vision layout: `[sin(y f), cos(y f), sin(x f), cos(x f)]` with
+    `f_i = temperature ** (-i / (dim / 4))`, i = 0..dim/4-1, y and x the integer row and
+    column. `dim` must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = temperature ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
+    y, x = jnp.meshgrid(
+        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+    )
+    y = y.reshape(-1, 1) * freqs[None, :]
+    x = x.reshape(-1, 1) * freqs[None, :]
+    return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+def coordinate_channels(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, C + 2]: the row and column of each pixel, each in [-1, 1]
+    (CoordConv, Liu et al. 2018), so the first convolution sees where it is."""
+    b, h, w, _ = x.shape
+    rows = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=x.dtype)[:, None], (h, w))
+    cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=x.dtype)[None, :], (h, w))
+    coords = jnp.broadcast_to(jnp.stack([rows, cols], axis=-1), (b, h, w, 2))
+    return jnp.concatenate([x, coords], axis=-1)
+
+
 def num_groups(channels: int, max_groups: int = 32) -> int:
     """The largest group count <= max_groups that divides `channels` into groups of >= 2.
 
@@ -288,15 +317,20 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention2D(nn.Module):
-    """Pre-norm self-attention over the H*W image tokens, residual, zero-init output."""
+    """Pre-norm self-attention over the H*W image tokens, residual, zero-init output.
+
+    `position` [H*W, C], when given, is added to the normalised tokens: attention alone is
+    blind to where a token is."""
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position: jax.Array | None = None) -> jax.Array:
         b, h, w, c = x.shape
         tokens = group_norm(c, self.dtype, "norm")(x).reshape(b, h * w, c)
+        if position is not None:
+            tokens = tokens + position.astype(tokens.dtype)
         out = MultiHeadAttention(
             self.num_heads, c, zero_init_out=True, dtype=self.dtype, name="attn"
         )(tokens, tokens)
@@ -309,15 +343,25 @@ class CrossAttention2D(nn.Module):
     `context` [B, L, D] is layer-normalised (text encoders differ in scale) and projected to
     the image width. Keys where `context_mask` [B, L] is False are ignored exactly; a row
     with no valid key adds nothing (rather than a uniform average over padding).
+    `position` [H*W, C], when given, is added to the image tokens (the queries), so a
+    query can ask for the words that name its place ("top left").
     """
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        position: jax.Array | None = None,
+    ) -> jax.Array:
         b, h, w, c = x.shape
         tokens = group_norm(c, self.dtype, "norm")(x).reshape(b, h * w, c)
+        if position is not None:
+            tokens = tokens + position.astype(tokens.dtype)
         context = nn.LayerNorm(dtype=self.dtype, name="context_norm")(context)
         context_mask = context_mask.astype(bool)
         out = MultiHeadAttention(

@@ -79,6 +79,8 @@ CASES = [
                              "--config.data.dir={root}/data"), "workdir is not a directory: {root}/a_file"),  # fmt: skip
     Case("ablate: a sweep file that raises", ("ablate", "--sweep", "{root}/raises.py",
                                               "--workdir", "{root}/sweep"), "{root}/raises.py: get_sweep() raised RuntimeError: boom"),  # fmt: skip
+    Case("ablate: --seeds with a seed of its own", ("ablate", "--sweep", "experiments/sweeps/positions.py", "--workdir", "{root}/sweep",
+                                                   "--seeds", "0,1", "--config.seed=3"), "--seeds sets each run's seed: drop --config.seed"),  # fmt: skip
     Case("ablate: missing sweep file", ("ablate", "--sweep", "{root}/nope.py",
                                         "--workdir", "{root}/sweep"), "sweep file not found: {root}/nope.py"),  # fmt: skip
     # -- prompts -----------------------------------------------------------------------

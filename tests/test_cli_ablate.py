@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from helpers import EXPERIMENT, check_eval_r_precision, run_cli
+from PIL import Image
 
 from t2i_jax.data import sources
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
@@ -85,6 +86,54 @@ def test_sweep_trains_evaluates_and_tabulates(tmp_path, evaluators_trained):
                       f"--config.data.dir={data_dir}", "--config.text.width=8")  # fmt: skip
     assert changed.returncode == 2, changed.stderr
     assert "holds a run with other settings (text.width)" in changed.stderr
+
+
+def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
+    """`--seeds 0,1`: each entry trained once per seed in its own workdir, every metric the
+    mean and sample std (ddof 1) of the seeds' own values, in the json, table and chart."""
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(
+        f"def get_sweep(arg=None):\n    return {{'base': '{EXPERIMENT}:test', "
+        "'runs': {'bow': {'text.encoder': 'bow'}}}\n"
+    )
+    workdir = tmp_path / "sweep"
+    args = ["ablate", "--sweep", str(sweep), "--workdir", str(workdir), "--eval", "--num", "8",
+            "--seeds", "0,1", "--no-progress", f"--config.data.dir={evaluators_trained}",
+            "--config.train.steps=2"]  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["runs"]) == ["bow"]
+    run = results["runs"]["bow"]
+    per_seed = {}
+    for seed in (0, 1):
+        seed_dir = workdir / "bow" / f"seed_{seed}"
+        assert json.loads((seed_dir / "config.json").read_text())["seed"] == seed
+        entry = run["seeds"][str(seed)]
+        assert entry["eval"] == json.loads((seed_dir / "eval" / "metrics.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (seed_dir / "metrics.jsonl").open()]
+        per_seed[seed] = {
+            "final loss": float(np.mean(losses)),
+            "val R-precision": entry["eval"]["splits"]["validation"]["generated"]["r_precision"],
+        }
+    assert per_seed[0]["final loss"] != per_seed[1]["final loss"]  # the seed was used
+    table = (workdir / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| bow |"))
+    assert row.startswith("| bow | text.encoder=bow | 2 | 2 |")  # steps, then n
+    for label in ("final loss", "val R-precision"):
+        values = [per_seed[0][label], per_seed[1][label]]
+        stats = run["summary"][label]
+        assert stats["n"] == 2 and stats["values"] == pytest.approx(values)
+        assert stats["mean"] == pytest.approx(np.mean(values))
+        assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+        assert f" {stats['mean']:.3f} ± {stats['std']:.3f} |" in row
+    with Image.open(workdir / "results.png") as chart:
+        assert chart.format == "PNG" and min(chart.size) > 100
+    # Another setting in the same workdir is refused before anything is trained.
+    changed = run_cli(*args[:-1], "--config.train.steps=2", "--config.text.width=8")
+    assert changed.returncode == 2 and "holds a run with other settings (text.width)" in (
+        changed.stderr
+    )
 
 
 @pytest.mark.parametrize(

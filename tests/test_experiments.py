@@ -152,5 +152,5 @@ def test_every_sweep_run_config_passes_the_checks(sweep, variant):
     configs = run_configs(sweep_dict, [])
     assert list(configs) == list(sweep_dict["runs"]) and len(configs) >= 2
     for name, config in configs.items():
-        key, value = next(iter(sweep_dict["runs"][name].items()))
-        assert config_lib.flatten(config)[key] == value
+        for key, value in sweep_dict["runs"][name].items():
+            assert config_lib.flatten(config)[key] == value

@@ -3,7 +3,9 @@
 A sweep file defines `get_sweep(arg) -> {"base": "experiment.py:variant", "runs": {name:
 {dotted key: value}}}`. `run_sweep` trains each run in `<workdir>/<name>/` (resuming any
 that exist, so a stopped sweep continues where it stopped), optionally evaluates it
-(`t2i eval`), and rewrites `<workdir>/results.md` and `results.json` after every run.
+(`t2i eval`), and rewrites `<workdir>/results.md`, `results.json` and the bar chart
+`results.png` after every run. With seeds, each entry runs once per seed in
+`<workdir>/<name>/seed_<k>/` and every metric is reported as mean ± std with n.
 Every run's config is built and checked (keys, types, registry names, the method's own
 section) before the first one starts, and an existing run directory must hold the same
 run (only `train.steps` may grow), so a typo in the last run fails in seconds, not hours.
@@ -108,6 +110,7 @@ EVAL_COLUMNS = (
     ("val caption acc", "validation", ("attribute_accuracy", "caption")),
     ("val colour", "validation", ("attribute_accuracy", "color")),
     ("val shape", "validation", ("attribute_accuracy", "shape")),
+    ("val position", "validation", ("attribute_accuracy", "position")),
     ("val R-precision", "validation", ("r_precision",)),
     ("val CLIP-style", "validation", ("clip_score",)),
     ("val probe_fd", "validation", ("probe_fd",)),
@@ -124,48 +127,129 @@ def _lookup(metrics: dict, split: str, path: tuple[str, ...]) -> float | None:
     return node
 
 
-def results_table(results: dict[str, dict]) -> list[str]:
-    evaluated = any(r.get("eval") for r in results.values())
-    curves = list(dict.fromkeys(c for r in results.values() for c in r["final"]))
-    header = ["run", "changes", "steps"]
-    header += [f"final {c} (mean of last {FINAL_LOSS_STEPS} logged)" for c in curves]
-    if evaluated:
-        header += [label for label, _, _ in EVAL_COLUMNS]
+SUMMARY_NOTE = "mean ± std over n seeds (std: sample standard deviation, ddof 1)"
+
+
+def run_metrics(entry: dict) -> dict[str, float]:
+    """One trained run's scalars by label: its final losses and its eval columns."""
+    out = {f"final {c}": v for c, v in entry["final"].items()}
+    for label, split, path in EVAL_COLUMNS:
+        value = _lookup(entry.get("eval") or {}, split, path)
+        if value is not None:
+            out[label] = float(value)
+    return out
+
+
+def summarise(entries: list[dict]) -> dict[str, dict]:
+    """Each metric over the runs of one sweep entry (one per seed): mean, std, n, values."""
+    per_run = [run_metrics(e) for e in entries]
+    labels = list(dict.fromkeys(k for m in per_run for k in m))
+    summary = {}
+    for label in labels:
+        values = [m[label] for m in per_run if label in m]
+        summary[label] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values),
+            "values": values,
+        }
+    return summary
+
+
+def _cell(stats: dict | None, seeded: bool) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if seeded else f"{stats['mean']:.3f}"
+
+
+def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str]:
+    """The sweep's markdown table: a row per entry, its metrics' values (with seeds: mean ±
+    std and the number of seeds done, n)."""
+    labels = list(dict.fromkeys(k for r in results.values() for k in r["summary"]))
+    finals = [k for k in labels if k.startswith("final ")]
+    evals = [label for label, _, _ in EVAL_COLUMNS if label in labels]
+    header = ["run", "changes", "steps"] + (["n"] if seeded else [])
+    header += [f"{k} (mean of last {FINAL_LOSS_STEPS} logged)" for k in finals] + evals
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
         cells = [name, changes, str(r["steps"])]
-        cells += [f"{r['final'][c]:.4f}" if c in r["final"] else "-" for c in curves]
-        if evaluated:
-            for _, split, path in EVAL_COLUMNS:
-                value = _lookup(r.get("eval") or {}, split, path)
-                cells.append("-" if value is None else f"{value:.3f}")
+        if seeded:
+            cells.append(str(max((v["n"] for v in r["summary"].values()), default=0)))
+        for k in finals:  # one run's loss keeps its 4 decimals
+            stats = r["summary"].get(k)
+            cells.append(_cell(stats, True) if seeded or not stats else f"{stats['mean']:.4f}")
+        cells += [_cell(r["summary"].get(k), seeded) for k in evals]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _write(workdir: str, spec: str, overrides: list[str], results: dict) -> None:
+def plot_results(results: dict[str, dict], path: str, title: str) -> None:
+    """One bar chart per metric, a bar per entry, error bars of one std (with seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(k for r in results.values() for k in r["summary"]))
+    names = list(results)
+    columns = min(4, len(labels))
+    rows = -(-len(labels) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, label in zip(axes.flat, labels, strict=False):
+        stats = [results[n]["summary"].get(label) for n in names]
+        means = [s["mean"] if s else np.nan for s in stats]
+        stds = [s["std"] if s else 0.0 for s in stats]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes.flat[len(labels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def _write(workdir: str, spec: str, overrides: list[str], results: dict, seeds) -> None:
+    seeded = seeds is not None
+    note = f"Seeds {', '.join(map(str, seeds))}; {SUMMARY_NOTE}." if seeded else "One run each."
     text = "\n".join(
         [
             f"# Sweep `{spec}`",
             "",
-            f"Overrides for every run: {' '.join(overrides) or 'none'}.",
+            f"Overrides for every run: {' '.join(overrides) or 'none'}. {note}",
             "",
-            *results_table(results),
+            *results_table(results, seeded=seeded),
+            "",
+            "![results](results.png)",
             "",
         ]
     )
-    for name, content in (
-        ("results.md", text),
-        (
-            "results.json",
-            json.dumps({"sweep": spec, "overrides": overrides, "runs": results}, indent=2),
-        ),
-    ):
+    record = {"sweep": spec, "overrides": overrides, "seeds": seeds, "runs": results}
+    for name, content in (("results.md", text), ("results.json", json.dumps(record, indent=2))):
         path = os.path.join(workdir, name)
         with open(path + ".tmp", "w") as f:
             f.write(content)
         os.replace(path + ".tmp", path)
+    plot_results(results, os.path.join(workdir, "results.png"), f"{spec} ({note})")
+
+
+def run_dir(workdir: str, name: str, seed: int | None) -> str:
+    """`<workdir>/<name>/`, or with seeds `<workdir>/<name>/seed_<seed>/`."""
+    path = os.path.join(workdir, name)
+    return path if seed is None else os.path.join(path, f"seed_{seed}")
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int | None) -> ml_collections.ConfigDict:
+    if seed is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.seed = seed
+    return config
 
 
 def run_sweep(
@@ -176,28 +260,48 @@ def run_sweep(
     evaluate: bool = False,
     num: int = 256,
     seed: int = 0,
+    seeds: tuple[int, ...] | None = None,
     show_progress: bool = True,
 ) -> dict[str, dict]:
-    """Trains (and evaluates) every run of the sweep; returns the results by run name."""
+    """Trains (and evaluates) every run of the sweep; returns the results by run name.
+
+    With `seeds`, every entry is trained once per seed (`config.seed`), seed by seed (all
+    entries of the first seed, then the next), so a sweep stopped part-way already compares
+    every entry; each metric is reported as mean ± std over the seeds done. `seed` is the
+    evaluation's own seed, the same for every run: the spread is that of training."""
     from t2i_jax.eval.evaluate import evaluate_run
     from t2i_jax.train.loop import train_and_evaluate
 
     sweep = load_sweep(spec)
+    if seeds is not None and any(o.partition("=")[0] == "seed" for o in overrides):
+        raise ConfigError("--seeds sets each run's seed: drop --config.seed")
     configs = run_configs(sweep, overrides)
-    for name, config in configs.items():
-        check_existing_run(os.path.join(workdir, name), config, name)
+    jobs = [(name, s) for s in (seeds or (None,)) for name in configs]
+    for name, s in jobs:
+        check_existing_run(run_dir(workdir, name, s), with_seed(configs[name], s), name)
     os.makedirs(workdir, exist_ok=True)
+    done: dict[str, list[dict]] = {name: [] for name in configs}
     results: dict[str, dict] = {}
-    for name, config in configs.items():
-        run_dir = os.path.join(workdir, name)
-        log.info("sweep run %s -> %s", name, run_dir)
-        train_and_evaluate(config, run_dir, show_progress=show_progress)
-        results[name] = {
-            "workdir": run_dir,
-            "changes": sweep["runs"][name],
-            "steps": max((m["step"] for m in read_metrics(run_dir)), default=0),
-            "final": final_losses(run_dir, registry.method_class(config.method).curves),
-            "eval": evaluate_run(run_dir, num=num, seed=seed) if evaluate else None,
+    for name, s in jobs:
+        config, path = with_seed(configs[name], s), run_dir(workdir, name, s)
+        log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
+        train_and_evaluate(config, path, show_progress=show_progress)
+        entry = {
+            "workdir": path,
+            "seed": config.seed,
+            "steps": max((m["step"] for m in read_metrics(path)), default=0),
+            "final": final_losses(path, registry.method_class(config.method).curves),
+            "eval": evaluate_run(path, num=num, seed=seed) if evaluate else None,
         }
-        _write(workdir, spec, overrides, results)
+        done[name].append(entry)
+        results[name] = {
+            "changes": sweep["runs"][name],
+            "steps": entry["steps"],
+            "summary": summarise(done[name]),
+        }
+        if seeds is None:
+            results[name].update(entry)
+        else:
+            results[name]["seeds"] = {str(e["seed"]): e for e in done[name]}
+        _write(workdir, spec, overrides, results, seeds)
     return results

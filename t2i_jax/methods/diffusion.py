@@ -17,7 +17,7 @@ from t2i_jax.methods import guidance as cfg
 from t2i_jax.methods import samplers, schedules
 from t2i_jax.methods.base import Frozen, Method, SampleOption, TrainState, next_state
 from t2i_jax.methods.microbatches import WHOLE, Rows
-from t2i_jax.nets.unet import UNet
+from t2i_jax.nets.unet import POSITION_EMBEDDINGS, UNet
 from t2i_jax.optim import make_optimizer
 from t2i_jax.text.features import TextFeatures
 from t2i_jax.text.setup import TextSetup
@@ -80,6 +80,18 @@ class Diffusion(Method):
                 "cannot give x0 at the last step's SNR of 0"
             )
         samplers.check_sampler(dc.sampler, dc.eta)  # eta only with ddim
+        position = config.model.get("position_embedding", "none")
+        if position not in POSITION_EMBEDDINGS:
+            raise ConfigError(
+                f"unknown model.position_embedding '{position}'; choose {POSITION_EMBEDDINGS}"
+            )
+        if position == "sincos":
+            widths = {config.model.base_channels * m for m in config.model.channel_mults}
+            if any(w % 4 for w in widths):
+                raise ConfigError(
+                    "model.position_embedding=sincos needs every level's width divisible by "
+                    f"4 (model.base_channels x model.channel_mults: {sorted(widths)})"
+                )
         schedules.alphas_cumprod(dc.schedule, dc.timesteps)
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, dc.prediction)
         if config.method == "diffusion":  # latent diffusion's size is its latents'

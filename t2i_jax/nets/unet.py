@@ -16,10 +16,14 @@ from t2i_jax.layers import (
     ResBlock,
     SelfAttention2D,
     Upsample,
+    coordinate_channels,
     group_norm,
+    sincos_2d,
     timestep_embedding,
     zeros_init,
 )
+
+POSITION_EMBEDDINGS = ("none", "sincos", "learned")
 
 
 class UNet(nn.Module):
@@ -44,6 +48,11 @@ class UNet(nn.Module):
       dtype: compute dtype (params stay float32); the output is float32.
       remat: none | blocks | full (t2i_jax/remat.py).
       mid_attention: self- and cross-attention in the middle block.
+      position_embedding: none | sincos | learned: a [H*W, C] position embedding added to
+        the normalised image tokens of every attention layer (to the queries of cross-
+        attention), fixed 2-D sin-cos or learned per layer. Without one, attention knows a
+        token's place only from what the convolutions' zero padding leaves in it.
+      coord_channels: append each pixel's row and column in [-1, 1] to the input.
     """
 
     base_channels: int = 64
@@ -57,6 +66,23 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mid_attention: bool = True
     remat: str = "none"
+    position_embedding: str = "none"
+    coord_channels: bool = False
+
+    def _position(self, prefix: str, h: jax.Array) -> jax.Array | None:
+        """The position embedding of the attention layers named `prefix`, [H*W, C]."""
+        _, height, width, channels = h.shape
+        if self.position_embedding == "sincos":
+            return sincos_2d(height, width, channels)
+        if self.position_embedding == "learned":  # big_vision's "learn" init
+            init = part.annotated(nn.initializers.normal(channels**-0.5), part.EMBED_AXES)
+            return self.param(f"{prefix}_position", init, (height * width, channels))
+        if self.position_embedding != "none":
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                f"got {self.position_embedding!r}"
+            )
+        return None
 
     def _attend(
         self,
@@ -69,14 +95,16 @@ class UNet(nn.Module):
         """The attention layers this resolution asks for (all of them when `force`)."""
         res = h.shape[1]
         full = force or res in self.attention_resolutions
+        cross = text_seq is not None and (full or res in self.cross_attention_resolutions)
+        position = self._position(prefix, h) if full or cross else None
         if full:
             h = rematerialise.block(SelfAttention2D, self.remat)(
                 self.num_heads, dtype=self.dtype, name=f"{prefix}_self_attn"
-            )(h)
-        if text_seq is not None and (full or res in self.cross_attention_resolutions):
+            )(h, position)
+        if cross:
             h = rematerialise.block(CrossAttention2D, self.remat)(
                 self.num_heads, dtype=self.dtype, name=f"{prefix}_cross_attn"
-            )(h, text_seq, text_mask)
+            )(h, text_seq, text_mask, position)
         return h
 
     @nn.compact
@@ -104,6 +132,8 @@ class UNet(nn.Module):
             rematerialise.block(ResBlock, self.remat), dropout=self.dropout, dtype=self.dtype
         )
 
+        if self.coord_channels:
+            x = coordinate_channels(x)
         h = part.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="conv_in")(
             x.astype(self.dtype)
         )

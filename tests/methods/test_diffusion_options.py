@@ -124,6 +124,17 @@ def test_zero_terminal_snr_needs_v_prediction(test_config):
         Diffusion.check_config(test_config)
 
 
+def test_position_options_are_checked(test_config):
+    test_config.model.position_embedding = "rope"
+    with pytest.raises(ConfigError, match="unknown model.position_embedding 'rope'"):
+        Diffusion.check_config(test_config)
+    test_config.model.position_embedding = "sincos"
+    Diffusion.check_config(test_config)  # widths 16 and 32
+    test_config.model.base_channels = 6
+    with pytest.raises(ConfigError, match=r"width divisible by 4 .*\[6, 12\]"):
+        Diffusion.check_config(test_config)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m", "heun"])
 def test_samplers_reach_the_data_from_a_zero_terminal_snr_start(sampler):
     """With SNR 0 at T, x_T ~ N(0, I) is exactly the chain's last marginal; every sampler

@@ -11,12 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t2i_jax import partitioning as part
 from t2i_jax.layers import (
     CrossAttention2D,
     ResBlock,
+    SelfAttention2D,
     attention_implementation,
+    coordinate_channels,
     dot_product_attention,
     num_groups,
+    sincos_2d,
     timestep_embedding,
 )
 from t2i_jax.nets.unet import UNet
@@ -225,3 +229,80 @@ def test_attention_equals_flax_attention(causal) -> None:
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(flax_))
     np.testing.assert_allclose(np.asarray(xla), np.asarray(flax_), rtol=1e-5, atol=1e-6)
     assert attention_implementation(jnp.float32, dim) == "explicit"  # on this CPU
+
+
+def test_sincos_2d_closed_form() -> None:
+    """Row r*W + c of the embedding is [sin(r f), cos(r f), sin(c f), cos(c f)] with
+    f_i = 10000^(-i / (dim / 4)); every position gets its own vector."""
+    height, width, dim = 3, 5, 8
+    emb = np.asarray(sincos_2d(height, width, dim))
+    freqs = 10000.0 ** (-np.arange(dim // 4) / (dim // 4))
+    for r in range(height):
+        for c in range(width):
+            want = np.concatenate(
+                [np.sin(r * freqs), np.cos(r * freqs), np.sin(c * freqs), np.cos(c * freqs)]
+            )
+            np.testing.assert_allclose(emb[r * width + c], want, rtol=1e-6, atol=1e-6)
+    assert len(np.unique(emb.round(5), axis=0)) == height * width
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 6)
+
+
+def test_coordinate_channels() -> None:
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 3)), jnp.float32)
+    out = np.asarray(coordinate_channels(x))
+    assert out.shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(out[..., :3], x)
+    for b in range(2):  # channel 3 is the row, 4 the column, each from -1 to 1 (float32)
+        rows, cols = np.repeat([[-1.0], [0.0], [1.0]], 4, 1), np.tile(np.linspace(-1, 1, 4), (3, 1))
+        np.testing.assert_allclose(out[b, :, :, 3], rows, rtol=1e-6)
+        np.testing.assert_allclose(out[b, :, :, 4], cols, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["self", "cross"])
+def test_a_position_embedding_tells_attention_where_a_token_is(layer) -> None:
+    """On an image whose pixels are all alike, attention gives every pixel the same output;
+    with the position embedding added, the outputs differ from pixel to pixel."""
+    x = jnp.broadcast_to(jnp.asarray(np.random.default_rng(0).normal(size=8), jnp.float32),
+                         (1, 4, 4, 8))  # fmt: skip
+    position = sincos_2d(4, 4, 8)
+    if layer == "self":
+        module, args = SelfAttention2D(num_heads=2), (x,)
+    else:
+        ctx = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 6)), jnp.float32)
+        module, args = CrossAttention2D(num_heads=2), (x, ctx, jnp.ones((1, 5), bool))
+    params = {"params": _perturb(module.init(KEY(0), *args)["params"])}
+    blind = np.asarray(module.apply(params, *args)).reshape(16, 8)
+    seeing = np.asarray(module.apply(params, *args, position)).reshape(16, 8)
+    np.testing.assert_allclose(blind, np.broadcast_to(blind[0], blind.shape), atol=1e-5)
+    assert np.abs(seeing - seeing[0]).max(axis=1)[1:].min() > 1e-3  # every pixel differs
+
+
+def test_unet_position_options_params() -> None:
+    """`learned` adds one sharded [H*W, C] table per attention layer and nothing else;
+    `sincos` adds no parameters; `coord_channels` widens only conv_in's input, by 2."""
+    inputs = _inputs()
+    shapes = {}
+    for name, fields in {
+        "none": {},
+        "sincos": {"position_embedding": "sincos"},
+        "learned": {"position_embedding": "learned"},
+        "coords": {"coord_channels": True},
+    }.items():
+        model = UNet(channel_mults=MULTS, **TINY, **fields)
+        params = jax.eval_shape(lambda k, m=model: m.init(k, **inputs, train=False), KEY(0))
+        shapes[name] = params["params"]
+    flat = {k: jax.tree.leaves(v) for k, v in shapes.items()}
+    assert jax.tree.structure(shapes["sincos"]) == jax.tree.structure(shapes["none"])
+    added = {k: v for k, v in shapes["learned"].items() if k not in shapes["none"]}
+    # Attention at 8x8 (down1, up1 x2, mid: self + cross) and cross at 16x16 (down0, up0 x2).
+    assert sorted(added) == sorted(
+        ["down0_0_position", "down1_0_position", "mid_position"]
+        + [f"up{level}_{i}_position" for level in (0, 1) for i in (0, 1)]
+    )
+    for name, box in added.items():
+        assert isinstance(box, nn.Partitioned) and box.names == part.EMBED_AXES
+        hw = 16 if name.startswith(("down0", "up0")) else 8
+        assert box.value.shape == (hw * hw, 8 if hw == 16 else 16)
+    coords = shapes["coords"]["conv_in"]["kernel"].value.shape
+    assert coords == (3, 3, 5, 8) and len(flat["coords"]) == len(flat["none"])

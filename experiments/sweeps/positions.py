@@ -1,0 +1,34 @@
+"""Position ablation: how the demo diffusion UNet learns where to put an object.
+
+Convolutions are translation-equivariant and attention without a position embedding is
+permutation-equivariant, so the UNet can tell where a pixel is only from its convolutions'
+zero padding. Each run adds one way of telling it (nets/unet.py), nothing else changed:
+
+  none          the demo as it is
+  sincos        fixed 2-D sin-cos embedding added to the tokens of every attention layer
+  coords        the pixel's row and column as two more input channels (CoordConv)
+  learned       a learned embedding per attention layer
+  cross_8_only  cross-attention at 8x8 only (the demo also has it at 16x16)
+
+  t2i ablate --sweep experiments/sweeps/positions.py --workdir runs/positions --eval
+  t2i ablate --sweep experiments/sweeps/positions.py --workdir runs/positions --eval \
+      --seeds 0,1,2
+
+Guidance, the fourth knob, needs no training: `t2i eval --guidance G --out-dir ...` on a run.
+"""
+
+import os
+
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "diffusion_shapes.py")
+
+RUNS = {
+    "none": {},
+    "sincos": {"model.position_embedding": "sincos"},
+    "coords": {"model.coord_channels": True},
+    "learned": {"model.position_embedding": "learned"},
+    "cross_8_only": {"model.cross_attention_resolutions": (8,)},
+}
+
+
+def get_sweep(arg: str | None = None) -> dict:
+    return {"base": f"{os.path.normpath(BASE)}:{arg or 'demo'}", "runs": RUNS}
