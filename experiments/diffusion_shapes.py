@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             log_every=25,
             checkpoint_every=500,
             sample_every=1000,
+            # Alignment against minutes in the report (eval/training_probe.py): 256
+            # validation captions, 10 DDIM steps, every 500 steps (~10 s each).
+            eval_every=500,
+            probe_num=256,
         )
         c.optim.update(lr=1e-3, warmup_steps=100, ema=0.995)
     elif variant == "full":

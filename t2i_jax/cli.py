@@ -289,6 +289,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args, overrides: list[str]) -> int:
     from t2i_jax import config as config_lib
+    from t2i_jax.eval.training_probe import make_training_probe
     from t2i_jax.train import multihost
     from t2i_jax.train.loop import Preempted, train_and_evaluate
 
@@ -303,7 +304,9 @@ def _train(args, overrides: list[str]) -> int:
         heartbeat_timeout=args.heartbeat_timeout or multihost.DEFAULT_HEARTBEAT_TIMEOUT,
     )
     try:
-        train_and_evaluate(config, args.workdir, show_progress=not args.no_progress)
+        train_and_evaluate(
+            config, args.workdir, show_progress=not args.no_progress, probe=make_training_probe
+        )
     except Preempted as e:
         print(f"t2i: {e}", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -143,11 +143,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = get_key(config, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"config key '{key}' must be a positive int, got {value!r}")
-    skips = config.train.get("max_consecutive_skips", 1)
-    if isinstance(skips, bool) or not isinstance(skips, int) or skips <= 0:
-        raise ConfigError(
-            f"config key 'train.max_consecutive_skips' must be a positive int, got {skips!r}"
-        )
+    for key, default, least in (
+        ("max_consecutive_skips", 1, 1),
+        ("probe_num", 0, 0),
+        ("probe_sample_steps", 1, 1),
+    ):
+        value = config.train.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            kind = "a positive int" if least else "an int >= 0"
+            raise ConfigError(f"config key 'train.{key}' must be {kind}, got {value!r}")
+    if config.train.get("probe_num", 0) and not config.train.get("eval_every", 0):
+        raise ConfigError("train.probe_num needs train.eval_every > 0 (when to probe)")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -149,6 +149,10 @@ def train(variant: str, **overrides) -> ml_collections.ConfigDict:
     t.max_consecutive_skips = 10
     t.eval_every = 0  # validation metrics every N steps, for methods with any (0: off)
     t.eval_batches = 8  # validation batches per evaluation (file order)
+    # The evaluators' alignment measures of this many validation captions' samples, every
+    # eval_every steps (eval/training_probe.py; 0: off), with this many sampler steps.
+    t.probe_num = 0
+    t.probe_sample_steps = 10
     t.update(overrides)  # The experiment's own defaults; `test` is the same for all.
     if variant == "test":
         t.update(

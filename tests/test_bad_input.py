@@ -74,6 +74,8 @@ CASES = [
                                                "--workdir", "{root}/new_run"), "{root}/raises.py: get_config() raised RuntimeError: boom"),  # fmt: skip
     Case("config: non-positive max_consecutive_skips",
          _train("--config.train.max_consecutive_skips=0"), "config key 'train.max_consecutive_skips' must be a positive int, got 0"),  # fmt: skip
+    Case("config: a training probe with nothing to time it",
+         _train("--config.train.probe_num=64", "--config.train.eval_every=0"), "train.probe_num needs train.eval_every > 0 (when to probe)"),  # fmt: skip
     Case("config: latent diffusion without its VAE run", ("train", "--config", "experiments/ldm_shapes.py:test", "--workdir", "{root}/new_run", "--config.data.dir={root}/data", "--config.ldm.autoencoder={root}/nowhere"), "ldm.autoencoder: no VAE run at {root}/nowhere (no config.json); train one first (see experiments/ldm_shapes.py)"),
     Case("workdir: a file", ("train", "--config", EXP, "--workdir", "{root}/a_file",
                              "--config.data.dir={root}/data"), "workdir is not a directory: {root}/a_file"),  # fmt: skip

@@ -11,24 +11,56 @@ from helpers import EXPERIMENT
 from t2i_jax import config as config_lib
 from t2i_jax.errors import UserError
 from t2i_jax.eval.evaluate import evaluate_run, load_inception
+from t2i_jax.eval.training_probe import make_training_probe
 from t2i_jax.metrics import fid
 from t2i_jax.train import report
+from t2i_jax.train.logging import read_metrics
 from t2i_jax.train.loop import train_and_evaluate
 
 NUM = 16  # captions per split; the small splits have 64
 
 
+PROBE_STEPS = 3  # the training probe's sampler steps
+
+
 @pytest.fixture(scope="module")
 def run(evaluators_trained, tmp_path_factory):
-    """A 2-step run of the experiment's `test` variant on the session's small data."""
+    """A 2-step run of the experiment's `test` variant on the session's small data, its
+    alignment probed during training at both steps."""
     data_dir = evaluators_trained
     config = config_lib.load_config(f"{EXPERIMENT}:test")
     config.data.dir = data_dir
     config.train.steps = 2
     config.train.checkpoint_every = 2
+    config.train.update(eval_every=1, probe_num=NUM, probe_sample_steps=PROBE_STEPS)
     workdir = str(tmp_path_factory.mktemp("run"))
-    train_and_evaluate(config, workdir, show_progress=False, devices=jax.devices()[:1])
+    train_and_evaluate(
+        config, workdir, show_progress=False, devices=jax.devices()[:1], probe=make_training_probe
+    )
     return workdir
+
+
+def test_the_training_probe_reads_what_t2i_eval_reads(run, tmp_path):
+    """The probe's last reading is `t2i eval`'s validation numbers for the same captions,
+    seed and sampler steps; the report plots it against the run's minutes."""
+    records = read_metrics(run, perf=True)
+    probed = [r for r in records if "probe_caption" in r]
+    assert [r["step"] for r in probed] == [1, 2]
+    minutes = [r["perf"]["elapsed_min"] for r in probed]
+    assert 0 < minutes[0] <= minutes[1]
+    options = {"steps": PROBE_STEPS}
+    evaluated = evaluate_run(run, num=NUM, seed=0, batch_size=NUM, use_inception=False,
+                             sample_options=options, out_dir=str(tmp_path))  # fmt: skip
+    want = evaluated["splits"]["validation"]["generated"]
+    got = {k.removeprefix("probe_"): v for k, v in probed[-1].items() if k.startswith("probe_")}
+    assert got.pop("r_precision") == want["r_precision"]
+    assert got == want["attribute_accuracy"] and "caption" in got and "position" in got
+    text = pathlib.Path(run, "report.md").read_text()
+    assert (
+        "## Alignment during training" in text and "![alignment during training](probe.png)" in text
+    )
+    assert f"| 2 | {minutes[1]:.1f} |" in text
+    assert os.path.getsize(os.path.join(run, "probe.png")) > 0
 
 
 @pytest.fixture(scope="module")

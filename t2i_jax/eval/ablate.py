@@ -270,6 +270,7 @@ def run_sweep(
     every entry; each metric is reported as mean ± std over the seeds done. `seed` is the
     evaluation's own seed, the same for every run: the spread is that of training."""
     from t2i_jax.eval.evaluate import evaluate_run
+    from t2i_jax.eval.training_probe import make_training_probe
     from t2i_jax.train.loop import train_and_evaluate
 
     sweep = load_sweep(spec)
@@ -285,7 +286,7 @@ def run_sweep(
     for name, s in jobs:
         config, path = with_seed(configs[name], s), run_dir(workdir, name, s)
         log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
-        train_and_evaluate(config, path, show_progress=show_progress)
+        train_and_evaluate(config, path, show_progress=show_progress, probe=make_training_probe)
         entry = {
             "workdir": path,
             "seed": config.seed,

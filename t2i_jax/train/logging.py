@@ -19,6 +19,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
@@ -36,6 +37,14 @@ class MetricWriter:
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
+
+    def last_perf(self, name: str) -> float | None:
+        """The last logged timing `name` (e.g. a resumed run's minutes so far), or None."""
+        if not self.enabled:
+            return None
+        values = [r[PERF][name] for r in read_metrics(self.workdir, perf=True)
+                  if name in r.get(PERF, {})]  # fmt: skip
+        return values[-1] if values else None
 
     def write(self, step: int, scalars: dict[str, float], *, perf: dict | None = None) -> None:
         for name, value in scalars.items():

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -256,8 +257,38 @@ def _streak_reached(streak: nonfinite.Streak, unread: list[tuple], limit: int) -
     return False
 
 
+# (method, config, builder, tokenizer, frozen=) -> params -> {name: value}, or None (off):
+# measures of the EMA parameters logged every train.eval_every steps, built by a higher
+# layer (eval/training_probe.py) and handed in.
+ProbeFactory = Callable[..., Callable[[object], dict] | None]
+
+
+class _RunClock:
+    """Wall-clock minutes of a run: since `started`, plus `offset_min` (before a resume),
+    less the time spent inside `paused()`."""
+
+    def __init__(self, started: float, *, offset_min: float):
+        self.started, self.offset_min, self.excluded = started, offset_min, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.excluded += time.monotonic() - t0
+
+    def minutes(self) -> float:
+        return self.offset_min + (time.monotonic() - self.started - self.excluded) / 60
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, devices=None, show_progress=True
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices=None,
+    show_progress=True,
+    probe: ProbeFactory | None = None,
 ) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     config_lib.validate(config)
@@ -274,19 +305,31 @@ def train_and_evaluate(
         )
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock.hold(workdir, enabled=primary):  # one job writes a workdir
-        return _train(config, workdir, mesh=mesh, show_progress=show_progress)
+        return _train(config, workdir, mesh=mesh, show_progress=show_progress, probe=probe)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progress) -> dict:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mesh,
+    show_progress,
+    probe: ProbeFactory | None,
+) -> dict:
+    started = time.monotonic()
     primary = jax.process_index() == 0
     builder = sources.prepare_for_run(config.data)
     text = build_text(config, TextContext(workdir, builder, config.seed))
     method = registry.build_method(config, text)
     # Before config.json: a refused resume (other BERT weights, no VAE run) changes no file.
     frozen = frozen_store.load_or_create(workdir, method, write=True)
+    tokenizer = text.tokenizer
+    # Before config.json too: a refused probe setting changes no file.
+    probe_setup = time.monotonic()
+    probe_fn = probe and probe(method, config, builder, tokenizer, frozen=frozen)
+    probe_setup = time.monotonic() - probe_setup
     if primary:
         _write_config(config, workdir)
-    tokenizer = text.tokenizer
     loader = input_pipeline.make_loader(
         builder.as_data_source("train"),
         tokenizer,
@@ -328,6 +371,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
             return restored.state, restored.meta
 
         state, meta = resume(data_iter)
+        # Minutes of this run so far: those logged before a resume, then this process's
+        # (less the time spent probing, which a run without the probe would not spend).
+        clock = _RunClock(started, offset_min=writer.last_perf("elapsed_min") or 0.0)
+        clock.excluded = probe_setup
         guarded = config.train.get("skip_nonfinite", True)
         max_skips = config.train.get("max_consecutive_skips", 10)
         streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))
@@ -431,13 +478,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh, show_progre
                     if streak.total:
                         row["skipped_steps"] = float(streak.total)
                     perf = meter.measure()  # the host waited for the step just above
-                if validate is not None and (step % eval_every == 0 or step == total):
-                    row.update(validate(state.ema_params))
+                if eval_every and (step % eval_every == 0 or step == total):
+                    if validate is not None:
+                        row.update(validate(state.ema_params))
+                    if probe_fn is not None:
+                        with clock.paused():
+                            row.update(probe_fn(state.ema_params))
                 if row:
+                    perf = {**(perf or {}), "elapsed_min": clock.minutes()}
                     last_metrics = row
                     writer.write(step, row, perf=perf)
                     shown = {k: f"{row[k]:.4f}" for k in curves if k in row}
-                    if perf:
+                    if perf and "images_per_sec" in perf:
                         shown["img/s"] = f"{perf['images_per_sec']:.1f}"
                         shown["mfu"] = f"{perf['mfu']:.1%}"
                     progress.set_postfix(**shown)

@@ -80,6 +80,74 @@ def plot_metric(records: list[dict], name: str, path: str) -> bool:
     return True
 
 
+PROBE_PREFIX = "probe_"  # the training probe's measures (eval/training_probe.py)
+# Plotted (the table has every measure): the whole caption and its main parts.
+PROBE_PLOTTED = ("color", "shape", "size", "position", "caption", "r_precision")
+
+
+def probe_rows(records: list[dict]) -> list[dict]:
+    """The rows with probe measures: their step, minutes so far and measures."""
+    out = []
+    for r in records:
+        probes = {k[len(PROBE_PREFIX) :]: v for k, v in r.items() if k.startswith(PROBE_PREFIX)}
+        if probes:
+            out.append(
+                {"step": r["step"], "minutes": r.get("perf", {}).get("elapsed_min"), **probes}
+            )
+    return out
+
+
+def plot_probe(rows: list[dict], path: str) -> None:
+    """The probe's measures against the run's wall-clock minutes (steps on the top axis)."""
+    names = [k for k in PROBE_PLOTTED if k in rows[0]]
+    minutes = [r["minutes"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name in names:
+        ax.plot(minutes, [r.get(name, np.nan) for r in rows], marker="o", ms=3, label=name)
+    ax.set_xlabel("wall-clock minutes of the run (probing excluded)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks(minutes, [str(r["step"]) for r in rows], fontsize=7)
+    top.set_xlabel("step", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with writing(path):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def _probe_section(workdir: str) -> list[str]:
+    rows = [r for r in probe_rows(read_metrics(workdir, perf=True)) if r["minutes"] is not None]
+    if not rows:
+        return []
+    plot_probe(rows, os.path.join(workdir, "probe.png"))
+    names = [k for k in rows[0] if k not in ("step", "minutes")]
+    table = ["| step | minutes | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = [str(r["step"]), f"{r['minutes']:.1f}"] + [
+            f"{r.get(n, float('nan')):.3f}" for n in names
+        ]
+        table.append("| " + " | ".join(cells) + " |")
+    return [
+        "## Alignment during training",
+        "",
+        "The evaluators' reading of samples of the EMA parameters (`train.probe_num` "
+        "validation captions, `train.probe_sample_steps` sampler steps: cheaper, and lower, "
+        "than `t2i eval`) against the run's minutes:",
+        "",
+        "![alignment during training](probe.png)",
+        "",
+        *table,
+        "",
+    ]
+
+
 def write_report(
     workdir: str,
     config: ml_collections.ConfigDict,
@@ -114,6 +182,7 @@ def write_report(
     ]
     if plotted:
         lines += ["## Training curves", "", *(f"![{c}]({c}.png)" for c in plotted), ""]
+    lines += _probe_section(workdir)
     path = os.path.join(workdir, "report.md")
     evaluation = ""
     if os.path.isfile(path):  # Keep the section evaluate_run wrote.
