@@ -52,6 +52,17 @@ def write_section(workdir: str, heading: str, body: list[str]) -> str:
     return path
 
 
+def _save(fig, ax, path: str) -> None:
+    """Grid, tight layout, written to `path` (a failed write names it); the figure closed."""
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with writing(path):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def plot_metric(records: list[dict], name: str, path: str) -> bool:
     points = [(r["step"], r[name]) for r in records if name in r]
     if not points:
@@ -70,13 +81,7 @@ def plot_metric(records: list[dict], name: str, path: str) -> bool:
     ax.set_ylabel(name)
     ax.legend()
     ax.set_title(f"training {name}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with writing(path):
-            fig.savefig(path)
-    finally:
-        plt.close(fig)
+    _save(fig, ax, path)
     return True
 
 
@@ -113,13 +118,7 @@ def plot_probe(rows: list[dict], path: str) -> None:
     top.set_xticks(minutes, [str(r["step"]) for r in rows], fontsize=7)
     top.set_xlabel("step", fontsize=8)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with writing(path):
-            fig.savefig(path)
-    finally:
-        plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _probe_section(workdir: str) -> list[str]:
