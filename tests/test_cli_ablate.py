@@ -13,6 +13,7 @@ from helpers import EXPERIMENT, check_eval_r_precision, run_cli
 from PIL import Image
 
 from t2i_jax.data import sources
+from t2i_jax.eval import ablate
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
 
@@ -136,10 +137,35 @@ def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
     )
 
 
+def test_a_run_can_use_an_earlier_runs_directory(tmp_path):
+    """`{run:NAME}` is NAME's run directory of the same seed (latent diffusion's VAE); a run
+    may name its own base experiment."""
+    sweep = {
+        "runs": {
+            "first": {"base": f"{EXPERIMENT}:test"},
+            "second": {"base": f"{EXPERIMENT}:test", "text.word_vectors": "{run:first}/v.txt"},
+        }
+    }
+    path = tmp_path / "sweep.py"
+    path.write_text(f"def get_sweep(arg=None):\n    return {sweep!r}\n")
+    configs = ablate.run_configs(ablate.load_sweep(str(path)), [])
+    assert configs["second"].text.word_vectors == "{run:first}/v.txt"  # until it runs
+    for seed, where in ((None, "first"), (2, "first/seed_2")):
+        config = ablate.job_config(configs["second"], "/w", seed)
+        assert config.text.word_vectors == f"/w/{where}/v.txt"
+        assert config.seed == (0 if seed is None else seed)
+    assert ablate.job_config(configs["first"], "/w", 2).seed == 2
+
+
 @pytest.mark.parametrize(
     "sweep_text, message",
     [
         ("def get_sweep(arg=None):\n    return {'runs': {}}\n", "get_sweep must return"),
+        (
+            "def get_sweep(arg=None):\n    return {'base': 'x.py', 'runs': {'a': "
+            "{'ldm.autoencoder': '{run:b}'}, 'b': {}}}\n",
+            "run 'a' uses {run:b}, which is not an earlier run",
+        ),
         (None, "sweep run 'embedding': unknown config key 'text.widht'"),
     ],
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -31,20 +32,37 @@ log = logging.getLogger(__name__)
 FINAL_LOSS_STEPS = 10  # "final loss": the mean of the last this-many logged losses.
 
 
+RUN_REF = re.compile(r"\{run:([^{}]+)\}")  # "{run:NAME}": the run dir of entry NAME
+
+
+def _refs(keys: dict) -> list[str]:
+    return [m for v in keys.values() if isinstance(v, str) for m in RUN_REF.findall(v)]
+
+
 def load_sweep(spec: str) -> dict[str, Any]:
-    """Loads `path/to/sweep.py[:arg]` by calling its `get_sweep(arg)`; checks its shape."""
+    """Loads `path/to/sweep.py[:arg]` by calling its `get_sweep(arg)`; checks its shape.
+
+    `{"base": "exp.py:variant", "runs": {name: {dotted key: value}}}`; a run may name its
+    own `"base"` (a sweep across families), and a string value may contain `{run:NAME}`,
+    the directory of the earlier entry NAME's run of the same seed (latent diffusion's
+    VAE run)."""
     path = spec.partition(":")[0]
     sweep = config_lib.call_file_function(spec, "get_sweep", "sweep")
-    if (
-        not isinstance(sweep, dict)
-        or not isinstance(sweep.get("base"), str)
-        or not isinstance(sweep.get("runs"), dict)
-        or not sweep["runs"]
-    ):
-        raise ConfigError(f"{path}: get_sweep must return {{'base': str, 'runs': {{name: dict}}}}")
+    shape = f"{path}: get_sweep must return {{'base': str, 'runs': {{name: dict}}}}"
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), dict) or not sweep["runs"]:
+        raise ConfigError(shape)
+    earlier: list[str] = []
     for name, keys in sweep["runs"].items():
         if not isinstance(keys, dict) or not name or "/" in name or name.startswith("."):
             raise ConfigError(f"{path}: run {name!r} must be a plain name mapping to a dict")
+        if not isinstance(keys.get("base", sweep.get("base")), str):
+            raise ConfigError(shape + f" (run {name!r} has no base)")
+        for ref in _refs(keys):
+            if ref not in earlier:
+                raise ConfigError(
+                    f"{path}: run {name!r} uses {{run:{ref}}}, which is not an earlier run"
+                )
+        earlier.append(name)
     return sweep
 
 
@@ -61,19 +79,40 @@ def _override(key: str, value: Any) -> str:
 
 
 def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.ConfigDict]:
-    """Each run's config: the base, the run's keys, then the command line's overrides."""
+    """Each run's config: its base, its keys, then the command line's overrides; checked.
+
+    A run that uses another's directory (`{run:NAME}`) is checked for its keys and values
+    here, and by its family (`registry.check_names`, which may read that run) when it
+    starts, after NAME has trained."""
     configs = {}
     for name, keys in sweep["runs"].items():
-        config = config_lib.load_config(sweep["base"])
+        keys = dict(keys)
+        config = config_lib.load_config(keys.pop("base", sweep.get("base")))
         try:
             config_lib.apply_overrides(config, [_override(k, v) for k, v in keys.items()])
         except ConfigError as e:
             raise ConfigError(f"sweep run '{name}': {e}") from None
         config_lib.apply_overrides(config, overrides)
         config_lib.validate(config)
-        registry.check_names(config)
+        if not _refs(keys):
+            registry.check_names(config)
         configs[name] = config
     return configs
+
+
+def resolve_runs(
+    config: ml_collections.ConfigDict, workdir: str, seed: int | None
+) -> ml_collections.ConfigDict:
+    """`config` with every `{run:NAME}` replaced by NAME's run directory for `seed`."""
+    flat = config_lib.flatten(config)
+    refs = {k: v for k, v in flat.items() if isinstance(v, str) and RUN_REF.search(v)}
+    if not refs:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in refs.items():
+        resolved = RUN_REF.sub(lambda m: run_dir(workdir, m.group(1), seed), value)
+        config_lib.apply_overrides(config, [_override(key, resolved)])
+    return config
 
 
 def final_losses(workdir: str, curves: tuple[str, ...]) -> dict[str, float]:
@@ -172,7 +211,10 @@ def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str
     header += [f"{k} (mean of last {FINAL_LOSS_STEPS} logged)" for k in finals] + evals
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
-        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
+        changes = ", ".join(
+            f"{k}={os.path.basename(v) if k == 'base' else v}" for k, v in r["changes"].items()
+        )
+        changes = changes or "-"
         cells = [name, changes, str(r["steps"])]
         if seeded:
             cells.append(str(max((v["n"] for v in r["summary"].values()), default=0)))
@@ -244,12 +286,14 @@ def run_dir(workdir: str, name: str, seed: int | None) -> str:
     return path if seed is None else os.path.join(path, f"seed_{seed}")
 
 
-def with_seed(config: ml_collections.ConfigDict, seed: int | None) -> ml_collections.ConfigDict:
-    if seed is None:
-        return config
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.seed = seed
-    return config
+def job_config(
+    config: ml_collections.ConfigDict, workdir: str, seed: int | None
+) -> ml_collections.ConfigDict:
+    """An entry's config for one seed (None: its own), its `{run:NAME}` resolved."""
+    if seed is not None:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.seed = seed
+    return resolve_runs(config, workdir, seed)
 
 
 def run_sweep(
@@ -279,12 +323,12 @@ def run_sweep(
     configs = run_configs(sweep, overrides)
     jobs = [(name, s) for s in (seeds or (None,)) for name in configs]
     for name, s in jobs:
-        check_existing_run(run_dir(workdir, name, s), with_seed(configs[name], s), name)
+        check_existing_run(run_dir(workdir, name, s), job_config(configs[name], workdir, s), name)
     os.makedirs(workdir, exist_ok=True)
     done: dict[str, list[dict]] = {name: [] for name in configs}
     results: dict[str, dict] = {}
     for name, s in jobs:
-        config, path = with_seed(configs[name], s), run_dir(workdir, name, s)
+        config, path = job_config(configs[name], workdir, s), run_dir(workdir, name, s)
         log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
         train_and_evaluate(config, path, show_progress=show_progress, probe=make_training_probe)
         entry = {
