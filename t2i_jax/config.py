@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -158,6 +159,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def digest(config: ml_collections.ConfigDict) -> str:
+    """SHA-256 of the config's canonical JSON (keys sorted): equal configs, equal digests."""
+    return hashlib.sha256(to_json(config).encode()).hexdigest()
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@ The sweep's two runs are also the CLI's test of two text encoders with files of 
 `tfidf` (its idf stored with the run) and `embedding` (initialised from a word-vector
 file); test_cli.py trains `bert`, the `trained` fixture `transformer`, the GAN `bow`."""
 
+import hashlib
 import json
 import re
 
@@ -16,6 +17,7 @@ from t2i_jax.data import sources
 from t2i_jax.eval import ablate
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
+from t2i_jax.train.logging import read_metrics
 
 SWEEP = """
 def get_sweep(arg=None):
@@ -112,6 +114,11 @@ def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
         assert json.loads((seed_dir / "config.json").read_text())["seed"] == seed
         entry = run["seeds"][str(seed)]
         assert entry["eval"] == json.loads((seed_dir / "eval" / "metrics.json").read_text())
+        # The config's hash is that of the run's config.json; its minutes, the last logged.
+        sha = hashlib.sha256((seed_dir / "config.json").read_bytes()).hexdigest()
+        assert entry["config_sha256"] == sha
+        rows = read_metrics(str(seed_dir), perf=True)
+        assert entry["minutes"] == rows[-1]["perf"]["elapsed_min"] > 0
         losses = [json.loads(line)["loss"] for line in (seed_dir / "metrics.jsonl").open()]
         per_seed[seed] = {
             "final loss": float(np.mean(losses)),
@@ -121,6 +128,7 @@ def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
     table = (workdir / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| bow |"))
     assert row.startswith("| bow | text.encoder=bow | 2 | 2 |")  # steps, then n
+    assert "| minutes |" in table.splitlines()[4]
     for label in ("final loss", "val R-precision"):
         values = [per_seed[0][label], per_seed[1][label]]
         stats = run["summary"][label]

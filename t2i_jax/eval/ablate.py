@@ -172,6 +172,8 @@ SUMMARY_NOTE = "mean ± std over n seeds (std: sample standard deviation, ddof 1
 def run_metrics(entry: dict) -> dict[str, float]:
     """One trained run's scalars by label: its final losses and its eval columns."""
     out = {f"final {c}": v for c, v in entry["final"].items()}
+    if entry.get("minutes") is not None:
+        out["minutes"] = entry["minutes"]
     for label, split, path in EVAL_COLUMNS:
         value = _lookup(entry.get("eval") or {}, split, path)
         if value is not None:
@@ -207,7 +209,10 @@ def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str
     labels = list(dict.fromkeys(k for r in results.values() for k in r["summary"]))
     finals = [k for k in labels if k.startswith("final ")]
     evals = [label for label, _, _ in EVAL_COLUMNS if label in labels]
-    header = ["run", "changes", "steps"] + (["n"] if seeded else [])
+    timed = "minutes" in labels
+    header = (
+        ["run", "changes", "steps"] + (["n"] if seeded else []) + (["minutes"] if timed else [])
+    )
     header += [f"{k} (mean of last {FINAL_LOSS_STEPS} logged)" for k in finals] + evals
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
@@ -218,6 +223,9 @@ def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str
         cells = [name, changes, str(r["steps"])]
         if seeded:
             cells.append(str(max((v["n"] for v in r["summary"].values()), default=0)))
+        if timed:
+            stats = r["summary"].get("minutes")
+            cells.append(f"{stats['mean']:.1f}" if stats else "-")  # the mean over seeds
         for k in finals:  # one run's loss keeps its 4 decimals
             stats = r["summary"].get(k)
             cells.append(_cell(stats, True) if seeded or not stats else f"{stats['mean']:.4f}")
@@ -331,9 +339,15 @@ def run_sweep(
         config, path = job_config(configs[name], workdir, s), run_dir(workdir, name, s)
         log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
         train_and_evaluate(config, path, show_progress=show_progress, probe=make_training_probe)
+        timings = [r["perf"]["elapsed_min"] for r in read_metrics(path, perf=True)
+                   if "elapsed_min" in r.get("perf", {})]  # fmt: skip
         entry = {
             "workdir": path,
             "seed": config.seed,
+            "config_sha256": config_lib.digest(config),
+            # Training's wall-clock minutes (eval/training_probe.py's time left out), as
+            # logged; None for a run from before the log had them.
+            "minutes": timings[-1] if timings else None,
             "steps": max((m["step"] for m in read_metrics(path)), default=0),
             "final": final_losses(path, registry.method_class(config.method).curves),
             "eval": evaluate_run(path, num=num, seed=seed) if evaluate else None,
