@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.timesteps = 1000
     c.diffusion.schedule = "cosine"  # cosine | linear
+    c.diffusion.schedule_shift = 1.0  # every step's SNR / shift^2 (schedules.shift_snr)
     c.diffusion.prediction = "v"  # v | eps (v stays well-conditioned at high noise)
     c.diffusion.p_uncond = 0.1  # caption dropout for classifier-free guidance
     c.diffusion.sampler = "ddim"  # ddim | ddpm | euler | heun | dpmpp_2m (methods/samplers.py)

@@ -145,6 +145,27 @@ def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
     )
 
 
+def test_a_resumed_sweep_reuses_a_current_evaluation(tmp_path):
+    """A finished run's own eval/metrics.json stands when it is of the run's step, the
+    sweep's count and seed and the config's sample options; anything else is redone."""
+    from t2i_jax import config as config_lib
+
+    config = config_lib.load_config(f"{EXPERIMENT}:test")
+    options = {"guidance": 3.0, "steps": 4, "sampler": "ddim", "eta": 0.0}
+    assert options["steps"] == config.diffusion.sample_steps
+    (tmp_path / "eval").mkdir()
+    for step, num, changed, current in [
+        (6, 8, {}, True),
+        (5, 8, {}, False),  # trained further since
+        (6, 16, {}, False),  # another count
+        (6, 8, {"sampler": "heun"}, False),  # `t2i eval --sampler heun` without --out-dir
+    ]:
+        metrics = {"step": step, "num": num, "seed": 0, "sample_options": {**options, **changed}}
+        (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        found = ablate.current_eval(str(tmp_path), config, 6, num=8, seed=0)
+        assert (found == metrics) if current else found is None
+
+
 def test_a_run_can_use_an_earlier_runs_directory(tmp_path):
     """`{run:NAME}` is NAME's run directory of the same seed (latent diffusion's VAE); a run
     may name its own base experiment."""

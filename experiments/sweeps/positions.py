@@ -6,6 +6,8 @@ zero padding. Each run adds one way of telling it (nets/unet.py), nothing else c
 
   none          the demo as it is
   sincos        fixed 2-D sin-cos embedding added to the tokens of every attention layer
+  shift_4       the noise schedule's SNR / 16: a 32x32 image at the SNR the 8x8 latents of
+                latent diffusion (which follows positions) see (schedules.shift_snr)
   coords        the pixel's row and column as two more input channels (CoordConv)
   learned       a learned embedding per attention layer
   cross_8_only  cross-attention at 8x8 only (the demo also has it at 16x16)
@@ -24,6 +26,7 @@ BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "diffusion
 RUNS = {
     "none": {},
     "sincos": {"model.position_embedding": "sincos"},
+    "shift_4": {"diffusion.schedule_shift": 4.0},
     "coords": {"model.coord_channels": True},
     "learned": {"model.position_embedding": "learned"},
     "cross_8_only": {"model.cross_attention_resolutions": (8,)},

@@ -288,6 +288,22 @@ def _write(workdir: str, spec: str, overrides: list[str], results: dict, seeds) 
     plot_results(results, os.path.join(workdir, "results.png"), f"{spec} ({note})")
 
 
+def current_eval(
+    path: str, config: ml_collections.ConfigDict, step: int, *, num: int, seed: int
+) -> dict | None:
+    """The run's own `t2i eval` result when it is of this step, count and seed with the
+    config's sample options (a resumed sweep does not evaluate a finished run again)."""
+    where = os.path.join(path, "eval", "metrics.json")
+    if not os.path.isfile(where):
+        return None
+    with open(where) as f:
+        metrics = json.load(f)
+    cls = registry.method_class(config.method)
+    options = {o.name: o.default(config) for o in cls.sample_options}
+    same = (metrics.get(k) for k in ("step", "num", "seed", "sample_options"))
+    return metrics if tuple(same) == (step, num, seed, options) else None
+
+
 def run_dir(workdir: str, name: str, seed: int | None) -> str:
     """`<workdir>/<name>/`, or with seeds `<workdir>/<name>/seed_<seed>/`."""
     path = os.path.join(workdir, name)
@@ -350,8 +366,11 @@ def run_sweep(
             "minutes": timings[-1] if timings else None,
             "steps": max((m["step"] for m in read_metrics(path)), default=0),
             "final": final_losses(path, registry.method_class(config.method).curves),
-            "eval": evaluate_run(path, num=num, seed=seed) if evaluate else None,
+            "eval": None,
         }
+        if evaluate:
+            done_eval = current_eval(path, config, entry["steps"], num=num, seed=seed)
+            entry["eval"] = done_eval or evaluate_run(path, num=num, seed=seed)
         done[name].append(entry)
         results[name] = {
             "changes": sweep["runs"][name],

@@ -92,7 +92,7 @@ class Diffusion(Method):
                     "model.position_embedding=sincos needs every level's width divisible by "
                     f"4 (model.base_channels x model.channel_mults: {sorted(widths)})"
                 )
-        schedules.alphas_cumprod(dc.schedule, dc.timesteps)
+        schedules.alphas_cumprod(dc.schedule, dc.timesteps, shift=dc.get("schedule_shift", 1.0))
         schedules.target(jnp.zeros(()), jnp.zeros(()), 1.0, dc.prediction)
         if config.method == "diffusion":  # latent diffusion's size is its latents'
             size, levels = config.data.image_size, len(config.model.channel_mults)
@@ -113,7 +113,10 @@ class Diffusion(Method):
         self.sample_shape: tuple[int, ...] = (size, size, 3)  # what the UNet denoises
         # Runs from before the training options have none of their keys: all off.
         schedule = schedules.alphas_cumprod(
-            self.dc.schedule, self.dc.timesteps, self.dc.get("zero_terminal_snr", False)
+            self.dc.schedule,
+            self.dc.timesteps,
+            self.dc.get("zero_terminal_snr", False),
+            shift=self.dc.get("schedule_shift", 1.0),
         )
         self.alpha_bar = jnp.asarray(schedule, jnp.float32)
 

@@ -35,11 +35,27 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
-def alphas_cumprod(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> np.ndarray:
+def alphas_cumprod(
+    name: str, num_timesteps: int, zero_terminal_snr: bool = False, shift: float = 1.0
+) -> np.ndarray:
     if name not in SCHEDULES:
         raise ConfigError(f"unknown diffusion.schedule '{name}'; choose from {sorted(SCHEDULES)}")
-    alpha_bar = np.cumprod(1.0 - SCHEDULES[name](num_timesteps))
+    if not shift > 0:
+        raise ConfigError(f"diffusion.schedule_shift must be positive, got {shift}")
+    alpha_bar = shift_snr(np.cumprod(1.0 - SCHEDULES[name](num_timesteps)), shift)
     return rescale_zero_terminal_snr(alpha_bar) if zero_terminal_snr else alpha_bar
+
+
+def shift_snr(alpha_bar: np.ndarray, shift: float) -> np.ndarray:
+    """The schedule with every step's SNR divided by shift^2: ab / (ab + shift^2 (1 - ab)).
+
+    The resolution shift of simple diffusion (Hoogeboom et al. 2023): at the same per-pixel
+    SNR a larger image keeps more of its coarse layout (averaging k x k pixels multiplies
+    their SNR by k^2), so a schedule made for d x d images suits (shift d) x (shift d) ones
+    only with its SNR divided by shift^2. Shift 1 is the schedule itself."""
+    if shift == 1.0:
+        return alpha_bar
+    return alpha_bar / (alpha_bar + shift**2 * (1.0 - alpha_bar))
 
 
 def rescale_zero_terminal_snr(alpha_bar: np.ndarray) -> np.ndarray:

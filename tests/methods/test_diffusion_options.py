@@ -1,5 +1,6 @@
 """Diffusion's training options against their closed forms: zero-terminal-SNR rescaling,
-Min-SNR-gamma weights, offset noise and input perturbation (all off by default)."""
+the resolution shift of the schedule, Min-SNR-gamma weights, offset noise and input
+perturbation (all off by default)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,18 @@ def test_zero_terminal_snr_rescales_sqrt_alpha_bar_affinely_to_zero(name):
     slope, intercept = np.polyfit(root, new, 1)
     np.testing.assert_allclose(slope * root + intercept, new, atol=1e-12)
     np.testing.assert_allclose(slope, root[0] / (root[0] - root[-1]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shift", [0.5, 4.0])
+def test_schedule_shift_divides_every_snr_by_its_square(shift):
+    plain = schedules.alphas_cumprod("cosine", 1000)
+    shifted = schedules.alphas_cumprod("cosine", 1000, shift=shift)
+    snr = lambda ab: ab / (1.0 - ab)  # noqa: E731
+    np.testing.assert_allclose(snr(shifted), snr(plain) / shift**2, rtol=1e-9)
+    assert np.all(np.diff(shifted) < 0) and np.all((shifted > 0) & (shifted < 1))
+    np.testing.assert_array_equal(schedules.alphas_cumprod("cosine", 1000, shift=1.0), plain)
+    with pytest.raises(ConfigError, match="schedule_shift must be positive"):
+        schedules.alphas_cumprod("cosine", 1000, shift=0.0)
 
 
 def test_min_snr_weights_clip_the_x0_loss_at_gamma():
