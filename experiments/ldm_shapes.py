@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # VAE's posterior means have std 0.636 over 512 validation images (all 4 channels).
     c.ldm.latent_scale = 1.5
     c.diffusion.clip_denoised = False  # latents are not bounded like pixels
+    c.diffusion.schedule_shift = 1.0  # the 8x8 latents are the pixel demo's reference SNR
     # The UNet sees 8x8 latents: two levels (8, 4), attention at both.
     c.model.channel_mults = (1, 2)
     c.model.attention_resolutions = (8, 4)
