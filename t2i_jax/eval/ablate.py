@@ -25,7 +25,7 @@ import numpy as np
 from t2i_jax import config as config_lib
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import registry
-from t2i_jax.train.logging import read_metrics
+from t2i_jax.train.logging import last_perf, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,9 @@ def resolve_runs(
     return config
 
 
-def final_losses(workdir: str, curves: tuple[str, ...]) -> dict[str, float]:
-    """Each of the family's curves (`Method.curves`), averaged over the last
-    FINAL_LOSS_STEPS logged steps."""
-    records = read_metrics(workdir)
+def final_losses(records: list[dict], curves: tuple[str, ...]) -> dict[str, float]:
+    """Each of the family's curves (`Method.curves`) in a run's log rows, averaged over the
+    last FINAL_LOSS_STEPS logged steps."""
     out = {}
     for key in curves:
         values = [m[key] for m in records if key in m]
@@ -228,7 +227,8 @@ def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str
             cells.append(f"{stats['mean']:.1f}" if stats else "-")  # the mean over seeds
         for k in finals:  # one run's loss keeps its 4 decimals
             stats = r["summary"].get(k)
-            cells.append(_cell(stats, True) if seeded or not stats else f"{stats['mean']:.4f}")
+            one_run = stats and not seeded
+            cells.append(f"{stats['mean']:.4f}" if one_run else _cell(stats, seeded))
         cells += [_cell(r["summary"].get(k), seeded) for k in evals]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -298,8 +298,7 @@ def current_eval(
         return None
     with open(where) as f:
         metrics = json.load(f)
-    cls = registry.method_class(config.method)
-    options = {o.name: o.default(config) for o in cls.sample_options}
+    options = registry.method_class(config.method).sample_defaults(config)
     same = (metrics.get(k) for k in ("step", "num", "seed", "sample_options"))
     return metrics if tuple(same) == (step, num, seed, options) else None
 
@@ -355,17 +354,16 @@ def run_sweep(
         config, path = job_config(configs[name], workdir, s), run_dir(workdir, name, s)
         log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
         train_and_evaluate(config, path, show_progress=show_progress, probe=make_training_probe)
-        timings = [r["perf"]["elapsed_min"] for r in read_metrics(path, perf=True)
-                   if "elapsed_min" in r.get("perf", {})]  # fmt: skip
+        records = read_metrics(path, perf=True)
         entry = {
             "workdir": path,
             "seed": config.seed,
             "config_sha256": config_lib.digest(config),
             # Training's wall-clock minutes (eval/training_probe.py's time left out), as
             # logged; None for a run from before the log had them.
-            "minutes": timings[-1] if timings else None,
-            "steps": max((m["step"] for m in read_metrics(path)), default=0),
-            "final": final_losses(path, registry.method_class(config.method).curves),
+            "minutes": last_perf(records, "elapsed_min"),
+            "steps": max((m["step"] for m in records), default=0),
+            "final": final_losses(records, registry.method_class(config.method).curves),
             "eval": None,
         }
         if evaluate:

@@ -22,9 +22,9 @@ from t2i_jax import rng
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods.base import Frozen, Method
 from t2i_jax.text.tokenizer import CaptionTokenizer
+from t2i_jax.train.report import PROBE_PREFIX  # what the report plots
 
 SPLIT = "validation"
-PREFIX = "probe_"
 BATCH = 64  # captions per sampler call (`t2i eval`'s default)
 
 
@@ -84,8 +84,11 @@ def make_training_probe(
             batch_size=min(BATCH, len(examples.captions)),
         )
         measured = measure(features_of(evaluators, images, None), examples, **common)
-        out = {f"{PREFIX}{k}": float(v) for k, v in measured.get("attribute_accuracy", {}).items()}
-        out[f"{PREFIX}r_precision"] = float(measured["r_precision"])
+        out = {
+            f"{PROBE_PREFIX}{k}": float(v)
+            for k, v in measured.get("attribute_accuracy", {}).items()
+        }
+        out[f"{PROBE_PREFIX}r_precision"] = float(measured["r_precision"])
         return out
 
     return probe

@@ -329,9 +329,10 @@ class Method:
             raise ValueError(f"{hook!r} is not an optional hook; choose {OPTIONAL_HOOKS}")
         return getattr(cls, hook) is not getattr(Method, hook)
 
-    def sample_defaults(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    @classmethod
+    def sample_defaults(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
         """Each sample option's value from the run's config."""
-        return {o.name: o.default(config) for o in self.sample_options}
+        return {o.name: o.default(config) for o in cls.sample_options}
 
     @classmethod
     def check_sample_options(cls, options: dict[str, Any]) -> None:

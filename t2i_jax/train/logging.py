@@ -19,7 +19,6 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
-        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
@@ -38,14 +37,6 @@ class MetricWriter:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
-    def last_perf(self, name: str) -> float | None:
-        """The last logged timing `name` (e.g. a resumed run's minutes so far), or None."""
-        if not self.enabled:
-            return None
-        values = [r[PERF][name] for r in read_metrics(self.workdir, perf=True)
-                  if name in r.get(PERF, {})]  # fmt: skip
-        return values[-1] if values else None
-
     def write(self, step: int, scalars: dict[str, float], *, perf: dict | None = None) -> None:
         for name, value in scalars.items():
             if not math.isfinite(value):
@@ -63,6 +54,13 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def last_perf(records: list[dict], name: str) -> float | None:
+    """The last logged timing `name` of rows read with `perf=True` (e.g. a run's minutes
+    so far), or None."""
+    values = [r[PERF][name] for r in records if name in r.get(PERF, {})]
+    return values[-1] if values else None
 
 
 def read_metrics(workdir: str, *, perf: bool = False) -> list[dict]:

@@ -47,7 +47,7 @@ from t2i_jax.train import (
     throughput,
     workdir_lock,
 )
-from t2i_jax.train.logging import MetricWriter
+from t2i_jax.train.logging import MetricWriter, last_perf, read_metrics
 from t2i_jax.train.validation import make_validator
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ class _RunClock:
     """Wall-clock minutes of a run: since `started`, plus `offset_min` (before a resume),
     less the time spent inside `paused()`."""
 
-    def __init__(self, started: float, *, offset_min: float):
-        self.started, self.offset_min, self.excluded = started, offset_min, 0.0
+    def __init__(self, started: float, *, offset_min: float, excluded_s: float = 0.0):
+        self.started, self.offset_min, self.excluded = started, offset_min, excluded_s
 
     @contextlib.contextmanager
     def paused(self):
@@ -373,8 +373,10 @@ def _train(
         state, meta = resume(data_iter)
         # Minutes of this run so far: those logged before a resume, then this process's
         # (less the time spent probing, which a run without the probe would not spend).
-        clock = _RunClock(started, offset_min=writer.last_perf("elapsed_min") or 0.0)
-        clock.excluded = probe_setup
+        logged = read_metrics(workdir, perf=True) if primary else []
+        clock = _RunClock(
+            started, offset_min=last_perf(logged, "elapsed_min") or 0.0, excluded_s=probe_setup
+        )
         guarded = config.train.get("skip_nonfinite", True)
         max_skips = config.train.get("max_consecutive_skips", 10)
         streak = nonfinite.Streak(total=meta.get("skipped_steps", 0))

@@ -16,7 +16,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from t2i_jax.errors import writing  # noqa: E402
-from t2i_jax.train.logging import read_metrics  # noqa: E402
+from t2i_jax.train.logging import PERF, read_metrics  # noqa: E402
 
 EVALUATION_HEADING = "## Evaluation"
 
@@ -121,8 +121,9 @@ def plot_probe(rows: list[dict], path: str) -> None:
     _save(fig, ax, path)
 
 
-def _probe_section(workdir: str) -> list[str]:
-    rows = [r for r in probe_rows(read_metrics(workdir, perf=True)) if r["minutes"] is not None]
+def _probe_section(workdir: str, records: list[dict]) -> list[str]:
+    """The report's probe plot and table, from log rows read with their timings."""
+    rows = [r for r in probe_rows(records) if r["minutes"] is not None]
     if not rows:
         return []
     plot_probe(rows, os.path.join(workdir, "probe.png"))
@@ -157,7 +158,8 @@ def write_report(
     curves: tuple[str, ...] = ("loss",),
 ) -> str:
     """Writes `workdir/report.md` (with a plot `<curve>.png` per curve); returns its path."""
-    records = read_metrics(workdir)
+    timed = read_metrics(workdir, perf=True)  # one read: the probe section needs timings
+    records = [{k: v for k, v in r.items() if k != PERF} for r in timed]
     plotted = [c for c in curves if plot_metric(records, c, os.path.join(workdir, f"{c}.png"))]
     last = records[-1] if records else {}
     lines = [
@@ -181,7 +183,7 @@ def write_report(
     ]
     if plotted:
         lines += ["## Training curves", "", *(f"![{c}]({c}.png)" for c in plotted), ""]
-    lines += _probe_section(workdir)
+    lines += _probe_section(workdir, timed)
     path = os.path.join(workdir, "report.md")
     evaluation = ""
     if os.path.isfile(path):  # Keep the section evaluate_run wrote.
