@@ -10,6 +10,8 @@ Variants (`--config experiments/gan_shapes.py:VARIANT`):
       --config.gan.network=stylegan2 --config.gan.conditioning=projection
   t2i sample --workdir runs/gan_style --prompt "a large red circle in the center" \
       --truncation 0.7 --out red.png
+  t2i train --config experiments/gan_shapes.py:demo --workdir runs/biggan \
+      --config.gan.network=biggan
   t2i ablate --sweep experiments/sweeps/gan_objectives.py --workdir runs/gan_objectives
 """
 
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.encoder = "bow"
 
     c.gan = ml_collections.ConfigDict()
-    c.gan.network = "dfgan"  # dfgan | stylegan2 (t2i_jax/nets/gan_networks.py)
+    c.gan.network = "dfgan"  # dfgan | stylegan2 | biggan (t2i_jax/nets/gan_networks.py)
     c.gan.objective = "hinge"  # minimax | non_saturating | hinge
     c.gan.conditioning = "concat"  # concat (DF-GAN) | projection (Miyato & Koyama)
     c.gan.matching_aware = True  # real image + mismatched caption counts as fake
@@ -52,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.gan.w_dim = 128  # stylegan2: mapping network width
     c.gan.mapping_layers = 4
     c.gan.truncation = 1.0  # stylegan2 sampling psi (1: none)
+    c.gan.attention_resolution = 16  # biggan: self-attention at this side (0: none)
+    c.gan.ortho_reg = 0.0  # G's orthogonal regularisation beta (BigGAN: 1e-4; 0: off)
+    c.gan.z_truncation = 0.0  # sampling: z within +-this, by resampling (BigGAN; 0: off)
+    c.gan.standing_stats = 0  # biggan sampling: BN statistics from N batches (0: running)
+    c.gan.augment = ""  # DiffAugment policy, e.g. "translation,color,cutout" ("": off)
 
     # TTUR (Heusel et al.): D learns faster than G; Adam(0, 0.9) as DF-GAN.
     c.optim = presets.adamw(1e-4, warmup_steps=0, b1=0.0, b2=0.9, ema=0.999)  # generator

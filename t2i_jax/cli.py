@@ -51,6 +51,14 @@ def _seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    """ "bert,bow" -> ("bert", "bow"): at least one name."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no entry names in {text!r}")
+    return names
+
+
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
     rest, overrides = [], []
@@ -120,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         help="sample a grid of images from a run",
         add_help=False,  # -h with --workdir also lists the run's family's sample options
         epilog="Each family adds its own sample options (diffusion: --guidance --steps "
-        "--sampler --eta; gan: --truncation; vae: --temperature; vqvae: --temperature "
+        "--sampler --eta; gan: --truncation --z-truncation --standing-stats; vae: --temperature; "
+        "vqvae: --temperature "
         "--top-k --top-p --guidance): `t2i sample --workdir DIR -h` lists the run's.",
     )
     sample.add_argument("-h", "--help", action="store_true", help="show this help")
@@ -184,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_seed_list,
         help="train every entry once per seed, e.g. 0,1,2: metrics as mean ± std",
+    )
+    ablate.add_argument(
+        "--runs",
+        type=_name_list,
+        help="only these entries, e.g. bert,bow (the results cover them; the rest keep "
+        "their directories)",
     )
     ablate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -631,6 +646,7 @@ def _ablate(args, overrides: list[str]) -> int:
             num=args.num,
             seed=args.seed,
             seeds=args.seeds,
+            only=args.runs,
             show_progress=not args.no_progress,
         )
     except Preempted as e:

@@ -83,6 +83,10 @@ CASES = [
                                               "--workdir", "{root}/sweep"), "{root}/raises.py: get_sweep() raised RuntimeError: boom"),  # fmt: skip
     Case("ablate: --seeds with a seed of its own", ("ablate", "--sweep", "experiments/sweeps/positions.py", "--workdir", "{root}/sweep",
                                                    "--seeds", "0,1", "--config.seed=3"), "--seeds sets each run's seed: drop --config.seed"),  # fmt: skip
+    Case("ablate: --runs naming no entry", ("ablate", "--sweep", "experiments/sweeps/gan_networks.py", "--workdir", "{root}/sweep",
+                                            "--runs", "biggan,bigan"), "--runs: no entry ['bigan'] in experiments/sweeps/gan_networks.py; its entries: ['dfgan', 'dfgan_diffaug', 'stylegan2', 'stylegan2_diffaug', 'biggan', 'biggan_diffaug']"),  # fmt: skip
+    Case("config: an unknown DiffAugment op", ("train", "--config", "experiments/gan_shapes.py:test", "--workdir", "{root}/new_run", "--config.data.dir={root}/data",
+                                                "--config.gan.augment=translation,flip"), "gan.augment: unknown op(s) ['flip']; choose from color, translation, cutout"),  # fmt: skip
     Case("ablate: missing sweep file", ("ablate", "--sweep", "{root}/nope.py",
                                         "--workdir", "{root}/sweep"), "sweep file not found: {root}/nope.py"),  # fmt: skip
     # -- prompts -----------------------------------------------------------------------

@@ -328,6 +328,7 @@ def run_sweep(
     num: int = 256,
     seed: int = 0,
     seeds: tuple[int, ...] | None = None,
+    only: tuple[str, ...] | None = None,
     show_progress: bool = True,
 ) -> dict[str, dict]:
     """Trains (and evaluates) every run of the sweep; returns the results by run name.
@@ -335,7 +336,8 @@ def run_sweep(
     With `seeds`, every entry is trained once per seed (`config.seed`), seed by seed (all
     entries of the first seed, then the next), so a sweep stopped part-way already compares
     every entry; each metric is reported as mean ± std over the seeds done. `seed` is the
-    evaluation's own seed, the same for every run: the spread is that of training."""
+    evaluation's own seed, the same for every run: the spread is that of training. `only`
+    names the entries to run (in the sweep's order); the results then cover those."""
     from t2i_jax.eval.evaluate import evaluate_run
     from t2i_jax.eval.training_probe import make_training_probe
     from t2i_jax.train.loop import train_and_evaluate
@@ -344,6 +346,11 @@ def run_sweep(
     if seeds is not None and any(o.partition("=")[0] == "seed" for o in overrides):
         raise ConfigError("--seeds sets each run's seed: drop --config.seed")
     configs = run_configs(sweep, overrides)
+    if only is not None:
+        unknown = sorted(set(only) - set(configs))
+        if unknown:
+            raise ConfigError(f"--runs: no entry {unknown} in {spec}; its entries: {list(configs)}")
+        configs = {name: c for name, c in configs.items() if name in only}
     jobs = [(name, s) for s in (seeds or (None,)) for name in configs]
     for name, s in jobs:
         check_existing_run(run_dir(workdir, name, s), job_config(configs[name], workdir, s), name)

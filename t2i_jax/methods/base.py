@@ -176,6 +176,7 @@ class SampleOption:
       help: one line for `t2i sample --help`.
       config_key: the dotted config key giving the run's default ("diffusion.guidance").
       choices: the allowed values, if a closed set.
+      absent: the default for a run whose config predates `config_key` (None: required).
     """
 
     name: str
@@ -183,6 +184,7 @@ class SampleOption:
     help: str
     config_key: str
     choices: tuple | None = None
+    absent: Any = None
 
     @property
     def flag(self) -> str:
@@ -191,6 +193,8 @@ class SampleOption:
     def default(self, config: ml_collections.ConfigDict) -> Any:
         node: Any = config
         for part in self.config_key.split("."):
+            if self.absent is not None and part not in node:
+                return self.absent
             node = node[part]
         return node
 

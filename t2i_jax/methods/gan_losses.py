@@ -56,6 +56,23 @@ def g_loss(objective: str, fake_logits: jax.Array) -> jax.Array:
     raise ValueError(f"unknown GAN objective '{objective}'; choose from {OBJECTIVES}")
 
 
+def orthogonal_regularisation(params) -> jax.Array:
+    """BigGAN's orthogonal regularisation, sum over kernels of ||W W^T * (1 - I)||_F^2:
+    the squared off-diagonal entries of the Gram matrix of each kernel's filters, W the
+    kernel as [out, in] (`kernel` leaves of two or more dimensions: Dense [in, out], Conv
+    [kh, kw, in, out]). Unlike full orthogonality it leaves the filters' norms free.
+    The caller multiplies by beta (BigGAN: 1e-4)."""
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = getattr(path[-1], "key", None)
+        if name != "kernel" or leaf.ndim < 2:
+            continue
+        w = leaf.astype(jnp.float32).reshape(-1, leaf.shape[-1]).T
+        gram = w @ w.T
+        total = total + jnp.sum(jnp.square(gram * (1.0 - jnp.eye(gram.shape[0]))))
+    return total
+
+
 def squared_grad_norm(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """||d fn(x)_i / d x_i||^2 per example [B], for fn mapping [B, ...] -> [B]."""
     grads = jax.grad(lambda v: jnp.sum(fn(v)))(x)

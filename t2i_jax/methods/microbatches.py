@@ -46,6 +46,11 @@ class Rows:
     def randint(self, key: jax.Array, shape: tuple[int, ...], low: int, high: int) -> jax.Array:
         return self.take(jax.random.randint(key, self._whole(shape), low, high))
 
+    def uniform(
+        self, key: jax.Array, shape: tuple[int, ...], minval: float = 0.0, maxval: float = 1.0
+    ) -> jax.Array:
+        return self.take(jax.random.uniform(key, self._whole(shape), jnp.float32, minval, maxval))
+
     def bernoulli(self, key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
         return self.take(jax.random.bernoulli(key, p, self._whole(shape)))
 

@@ -11,11 +11,12 @@ import flax.linen as nn
 import ml_collections
 
 from t2i_jax.config import choose
-from t2i_jax.nets import dfgan, stylegan2
+from t2i_jax.nets import biggan, dfgan, stylegan2
 
 Factory = Callable[[ml_collections.ConfigDict, int], tuple[nn.Module, nn.Module]]
 
 GAN_NETWORKS: dict[str, Factory] = {
+    "biggan": biggan.build,
     "dfgan": dfgan.build,
     "stylegan2": stylegan2.build,
 }
