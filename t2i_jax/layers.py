@@ -384,6 +384,17 @@ class Downsample(nn.Module):
         )(x)
 
 
+def pyramid_levels(image_size: int, channel_mults) -> int:
+    """The halvings from `image_size` down to 4x4 of a GAN's G or D, whose `channel_mults`
+    give one width per resolution (levels + 1 of them); ValueError otherwise."""
+    levels = int(math.log2(image_size)) - 2 if image_size > 0 else -1
+    if image_size < 8 or 2 ** (levels + 2) != image_size:
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    if len(channel_mults) != levels + 1:
+        raise ValueError(f"channel_mults needs {levels + 1} entries for {image_size}px")
+    return levels
+
+
 def upsample_nearest(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, 2H, 2W, C] by repetition. (jax.image.resize's "nearest" is a
     gather whose gradient is a scatter, many times slower on CPU.)"""

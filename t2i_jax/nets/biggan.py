@@ -3,10 +3,11 @@ the image resolution.
 
 Generator: z is split into one chunk per block plus one (the hierarchical latent; sizes
 differ by at most one when they do not divide z_dim); the first chunk -> SN Dense -> 4x4
-map; per upsampling block (residual, BigGAN's): conditional BN, ReLU, 2x nearest upsampling, SN 3x3 conv, conditional BN, ReLU, SN 3x3 conv, plus an
-SN 1x1 conv of the upsampled input. Each block's condition is [shared text embedding,
-its z chunk] (the shared-embedding design: one Dense of the sentence vector, read by every
-block's gains and biases). A self-attention block (SAGAN) after the block that reaches
+map; per upsampling block (residual, BigGAN's): conditional BN, ReLU, 2x nearest
+upsampling, SN 3x3 conv, conditional BN, ReLU, SN 3x3 conv, plus an SN 1x1 conv of the
+upsampled input. Each block's condition is [shared text embedding, its z chunk] (the
+shared-embedding design: one Dense of the sentence vector, read by every block's gains
+and biases). A self-attention block (SAGAN) after the block that reaches
 `attention_resolution`; then BN, ReLU, SN 3x3 conv to RGB.
 
 Discriminator: residual blocks of SN convs (the first at full resolution, without its
@@ -23,7 +24,6 @@ statistics (methods/gan.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -34,18 +34,11 @@ import ml_collections
 
 from t2i_jax import partitioning as part
 from t2i_jax import remat as rematerialise
-from t2i_jax.layers import upsample_nearest
+from t2i_jax.layers import pyramid_levels, upsample_nearest
 from t2i_jax.nets.spectral_norm import SPECTRAL, SNConv, SNDense
 
 BATCH_STATS = "batch_stats"  # running mean and variance of every BN
 BATCH_MOMENTS = "batch_moments"  # one batch's mean and variance, sown in training mode
-
-
-def _levels(image_size: int) -> int:
-    levels = int(math.log2(image_size)) - 2
-    if image_size < 8 or 2 ** (levels + 2) != image_size:
-        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
-    return levels
 
 
 class BatchNorm(nn.Module):
@@ -160,9 +153,7 @@ class BigGenerator(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, text: jax.Array, *, train: bool = False) -> jax.Array:
-        levels = _levels(self.image_size)
-        if len(self.channel_mults) != levels + 1:
-            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        levels = pyramid_levels(self.image_size, self.channel_mults)
         widths = [self.channels * m for m in self.channel_mults]
         # levels + 1 chunks, the first ones a unit longer when z_dim does not divide evenly
         chunks = jnp.array_split(z.astype(self.dtype), levels + 1, axis=-1)
@@ -199,9 +190,7 @@ class BigDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
-        levels = _levels(self.image_size)
-        if len(self.channel_mults) != levels + 1:
-            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        pyramid_levels(self.image_size, self.channel_mults)  # a ValueError for bad sizes
         widths = [self.channels * m for m in self.channel_mults]
         block = rematerialise.block(DBlock, self.remat)
         h = block(widths[0], False, False, self.dtype, name="block0")(x.astype(self.dtype))

@@ -13,7 +13,6 @@ down to 4x4, then the text-conditional head (`gan_heads.ConditionalHead`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -23,15 +22,8 @@ import ml_collections
 
 from t2i_jax import partitioning as part
 from t2i_jax import remat as rematerialise
-from t2i_jax.layers import upsample_nearest
+from t2i_jax.layers import pyramid_levels, upsample_nearest
 from t2i_jax.nets.gan_heads import ConditionalHead
-
-
-def _levels(image_size: int) -> int:
-    levels = int(math.log2(image_size)) - 2
-    if image_size < 8 or 2 ** (levels + 2) != image_size:
-        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
-    return levels
 
 
 class Affine(nn.Module):
@@ -101,9 +93,7 @@ class DFGenerator(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, text: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # No dropout or batch statistics.
-        levels = _levels(self.image_size)
-        if len(self.channel_mults) != levels + 1:
-            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        pyramid_levels(self.image_size, self.channel_mults)  # a ValueError for bad sizes
         widths = [self.channels * m for m in self.channel_mults]
         cond = jnp.concatenate([z, text], axis=-1).astype(self.dtype)
         x = part.Dense(4 * 4 * widths[0], dtype=self.dtype, name="fc")(z.astype(self.dtype))
@@ -148,9 +138,7 @@ class DFDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
-        levels = _levels(self.image_size)
-        if len(self.channel_mults) != levels + 1:
-            raise ValueError(f"channel_mults needs {levels + 1} entries for {self.image_size}px")
+        pyramid_levels(self.image_size, self.channel_mults)  # a ValueError for bad sizes
         widths = [self.channels * m for m in self.channel_mults]
         h = part.Conv(widths[0], (3, 3), dtype=self.dtype, name="from_rgb")(x.astype(self.dtype))
         for i, width in enumerate(widths[1:]):

@@ -9,6 +9,7 @@ import pytest
 
 from t2i_jax import remat
 from t2i_jax.nets.autoencoder import Decoder, Encoder
+from t2i_jax.nets.biggan import BigDiscriminator, BigGenerator
 from t2i_jax.nets.code_prior import CodePrior
 from t2i_jax.nets.dfgan import DFDiscriminator, DFGenerator
 from t2i_jax.nets.stylegan2 import StyleDiscriminator, StyleGenerator
@@ -42,6 +43,12 @@ NETWORKS = {
     "dfgan_d": (DFDiscriminator(8, 8, (1, 2)), (image, text), {}),
     "stylegan2_g": (StyleGenerator(8, 8, (2, 1), 8, 2, 8), (text, text), {}),
     "stylegan2_d": (StyleDiscriminator(8, 8, (1, 2)), (image, text), {}),
+    "biggan_g": (
+        BigGenerator(8, 8, (2, 1), 8, attention_resolution=8),
+        (text, text),
+        {"train": True},
+    ),  # fmt: skip
+    "biggan_d": (BigDiscriminator(8, 8, (1, 2), attention_resolution=8), (image, text), {}),
 }
 RNGS = {"dropout": jax.random.key(5), "noise": jax.random.key(6)}
 
@@ -57,6 +64,10 @@ def test_remat_keeps_parameters_and_gradients(name):
     grads = {}
     for mode in remat.REMAT:
         net = remat.configure(network, dtype=jnp.float32, remat=mode)
+        # Collections besides params (BigGAN's spectral vectors and batch statistics) are
+        # inputs of the forward pass, not differentiated.
+        variables = nn.unbox(net.init(init_rngs, *inputs, **kwargs))
+        others = {k: v for k, v in variables.items() if k != "params"}
         init = lambda rngs, net=net: nn.unbox(net.init(rngs, *inputs, **kwargs))["params"]
         if mode == "none":
             reference = jax.jit(init)(init_rngs)
@@ -64,8 +75,8 @@ def test_remat_keeps_parameters_and_gradients(name):
         shapes = jax.eval_shape(init, init_rngs)
         assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(jnp.shape, reference)
 
-        def loss(p, net=net):
-            return scalar(net.apply({"params": p}, *inputs, rngs=RNGS, **kwargs))
+        def loss(p, net=net, others=others):
+            return scalar(net.apply({"params": p, **others}, *inputs, rngs=RNGS, **kwargs))
 
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(reference))
         assert ("remat" in jaxpr) == (mode != "none"), mode
