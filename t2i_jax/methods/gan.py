@@ -112,9 +112,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     standing = setting(gc, "standing_stats")
     if not isinstance(standing, int) or standing < 0:
         raise ConfigError(f"gan.standing_stats must be an int >= 0, got {standing!r}")
-    if standing and gc.network != "biggan":
-        raise ConfigError("gan.standing_stats needs a network with batch norm (gan.network=biggan)")
-    if gc.network == "biggan":
+    generator, _ = build_gan_networks(gc, size)  # module definitions only: nothing runs
+    if standing and BATCH_STATS not in collections_of(generator):
+        raise ConfigError(
+            f"gan.standing_stats needs a generator with batch norm (biggan), not "
+            f"gan.network='{gc.network}'"
+        )
+    if hasattr(generator, "attention_resolution"):
         attention = setting(gc, "attention_resolution")
         allowed = [0] + [2**k for k in range(3, levels + 3)]
         if attention not in allowed:

@@ -139,7 +139,7 @@ def test_standing_statistics_replace_the_running_ones(biggan):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"gan.standing_stats": 4}, "gan.standing_stats needs a network with batch norm"),
+        ({"gan.standing_stats": 4}, "gan.standing_stats needs a generator with batch norm"),
         ({"gan.network": "biggan", "gan.attention_resolution": 12}, "attention_resolution"),
         ({"gan.augment": "rotate"}, "gan.augment: unknown op"),
         ({"gan.ortho_reg": -1.0}, "gan.ortho_reg must be a number >= 0"),
