@@ -143,8 +143,8 @@ class GAN(Method):
         SampleOption(
             "standing_stats",
             int,
-            "biggan: batch-norm statistics from this many batches of samples (0: the running "
-            "statistics of training)",
+            "biggan: batch-norm statistics from this many batches of samples of these "
+            "captions, for mixed batches (0: the running statistics of training)",
             "gan.standing_stats",
             absent=GAN_DEFAULTS["standing_stats"],
         ),
