@@ -44,6 +44,9 @@ from t2i_jax.optim import make_optimizer
 from t2i_jax.text.setup import TextSetup
 
 STATE = "state"  # a player's non-gradient collections, inside its params
+# DiffAugment's key is folded from a loss's key, which still splits into z and noise as
+# before DiffAugment existed: runs without it draw exactly what they drew then.
+AUGMENT_STREAM = 1
 
 # `gan` keys added after the first GAN runs, and their values in runs made before them.
 GAN_DEFAULTS = {
@@ -236,7 +239,8 @@ class GAN(Method):
         batch); `rows`: which rows of the step's batch they are."""
         gc = self.gc
         real, text_vec = examples["image"], examples["text_vec"]
-        k_z, k_noise, k_aug = jax.random.split(rng, 3)
+        k_z, k_noise = jax.random.split(rng)
+        k_aug = jax.random.fold_in(rng, AUGMENT_STREAM)
         z = rows.normal(k_z, (real.shape[0], gc.z_dim))
         fake = self._generate(g_params, z, text_vec, rows.key(k_noise), train=True)
         fake = jax.lax.stop_gradient(fake)
@@ -286,7 +290,8 @@ class GAN(Method):
         """(scalar loss, aux) of one generator update; D is held fixed. aux: the adversarial
         and orthogonal terms, and G's moved running statistics, each with a leading axis of
         one (microbatches stack theirs there; the step averages it)."""
-        k_z, k_noise, k_aug = jax.random.split(rng, 3)
+        k_z, k_noise = jax.random.split(rng)
+        k_aug = jax.random.fold_in(rng, AUGMENT_STREAM)
         text_vec = self._text_vector(g_params, batch, frozen)
         z = rows.normal(k_z, (text_vec.shape[0], self.gc.z_dim))
         fake, stats = self._generate_updating_stats(g_params, z, text_vec, rows.key(k_noise))
