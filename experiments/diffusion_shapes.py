@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.position_embedding = "none"  # none | sincos | learned, at attention layers
     c.model.coord_channels = False  # row and column as two more input channels
+    c.model.pooled_text = True  # pooled caption into every ResBlock (False: cross-attn only)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.timesteps = 1000
@@ -81,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # sample's place follows its starting noise and positions came out at chance
         # (0.10); shifted, 0.94 (experiments/sweeps/positions.py, README).
         c.diffusion.schedule_shift = 4.0
+        # The frozen, pretrained all-MiniLM-L6-v2 (its features cached: no cost a step)
+        # instead of a transformer learned from scratch: whole caption 0.45 -> 0.64,
+        # R-precision 0.76 -> 0.86 (experiments/sweeps/demo_targets.py, README).
+        c.text.encoder = "bert"
     elif variant == "full":
         # 64 -> 32 -> 16 -> 8; self-attention at 16 and 8, cross-attention at 32 too.
         c.model.base_channels = 128

@@ -137,8 +137,14 @@ def test_every_variant_builds_and_initialises(experiment, family, request, text_
             # The autoencoder is frozen: its weights are the run's frozen ones, not state.
             assert "autoencoder" not in state.params["model"], variant
             assert param_count(frozen["autoencoder"]) > 0
+        elif config.text.encoder == "bert" and not config.text.finetune:
+            # The frozen pretrained text encoder (the diffusion demo's): the run's frozen
+            # weights, not state.
+            assert set(frozen) == {"text_encoder"}, variant
+            assert param_count(frozen["text_encoder"]) > 0
+            assert "text_encoder" not in state.params["model"], variant
         else:
-            assert frozen == {}, variant  # nothing pretrained in these experiments
+            assert frozen == {}, variant  # nothing else pretrained in these experiments
     # `full` is the accelerator's larger model; `test` the smallest.
     assert counts["full"] > counts["demo"] > counts["test"], counts
 

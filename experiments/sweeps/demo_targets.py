@@ -1,13 +1,26 @@
-"""What the pixel demo's alignment is waiting for (its targets: README, "Diffusion demo").
+"""What the pixel demo's alignment is waiting for (its targets: README, "What the demo shows").
 
-Each run changes one thing of the demo (`diffusion_shapes.py:demo`, schedule shift 4):
+Each run changes one thing of the demo (`diffusion_shapes.py:demo`: schedule shift 4, the
+frozen all-MiniLM-L6-v2 text encoder):
 
-  demo          the demo as it is (the positions sweep's `shift_4`)
+  demo          the demo as it is
+  transformer   the demo before this sweep: a 2-layer transformer learned from scratch with
+                the UNet (the positions sweep's `shift_4`)
+  bert          `text.encoder=bert`, the run that made the frozen, pretrained
+                all-MiniLM-L6-v2 (features cached: no cost a step) the demo's encoder; its
+                config equals `demo`'s now
   shift_2       SNR / 4 instead of / 16: more of training at the high SNR that draws
                 shapes and cleans the background, less at the low SNR that places objects
-  bert          the frozen, pretrained all-MiniLM-L6-v2 (features cached: no cost a step)
-                instead of a transformer learned from scratch with the UNet
   min_snr_5     Min-SNR-5 loss weighting (Hang et al.: faster convergence)
+  bert_cross32  cross-attention at 32x32 too: each pixel of the full-resolution level reads
+                the caption, for two-object scenes whose objects take one colour (bert:
+                one-object colour 1.0, two-object 0.65)
+  bert_attn16   self-attention at 16x16 too: the two objects see each other at the
+                resolution where they are drawn
+  no_pooled     the pooled caption vector left out of the UNet's ResBlock embedding: it
+                reaches every pixel alike, so it names the caption's colours without
+                binding them to objects; the caption then arrives through cross-attention
+                only, read per pixel
 
   t2i ablate --sweep experiments/sweeps/demo_targets.py --workdir runs/demo_targets --eval
   t2i ablate --sweep experiments/sweeps/demo_targets.py --workdir runs/demo_targets --eval \
@@ -20,9 +33,13 @@ BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "diffusion
 
 RUNS = {
     "demo": {},
+    "transformer": {"text.encoder": "transformer"},
     "shift_2": {"diffusion.schedule_shift": 2.0},
     "bert": {"text.encoder": "bert"},
     "min_snr_5": {"diffusion.min_snr_gamma": 5.0},
+    "bert_cross32": {"text.encoder": "bert", "model.cross_attention_resolutions": (32, 16, 8)},
+    "bert_attn16": {"text.encoder": "bert", "model.attention_resolutions": (16, 8)},
+    "no_pooled": {"model.pooled_text": False},
 }
 
 

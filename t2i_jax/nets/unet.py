@@ -29,7 +29,8 @@ POSITION_EMBEDDINGS = ("none", "sincos", "learned")
 class UNet(nn.Module):
     """U-Net conditioned on a timestep, a pooled text vector and a text sequence.
 
-    Conditioning: `emb = MLP(sinusoid(t)) + Dense(text_pooled)` feeds every ResBlock;
+    Conditioning: `emb = MLP(sinusoid(t)) + Dense(text_pooled)` feeds every ResBlock
+    (without the second term when not `pooled_text`);
     `text_seq` (with `text_mask`) is attended to by cross-attention at the feature-map sizes
     in `attention_resolutions` (which also get self-attention) and
     `cross_attention_resolutions`. The middle block has self- and cross-attention when
@@ -53,6 +54,10 @@ class UNet(nn.Module):
         attention), fixed 2-D sin-cos or learned per layer. Without one, attention knows a
         token's place only from what the convolutions' zero padding leaves in it.
       coord_channels: append each pixel's row and column in [-1, 1] to the input.
+      pooled_text: add the pooled text vector to the embedding every ResBlock reads. It
+        reaches every pixel alike, so it can say which colours a caption names but not which
+        object takes which; without it the caption arrives only through cross-attention,
+        which reads it per pixel (needs `text_seq`).
     """
 
     base_channels: int = 64
@@ -68,6 +73,7 @@ class UNet(nn.Module):
     remat: str = "none"
     position_embedding: str = "none"
     coord_channels: bool = False
+    pooled_text: bool = True
 
     def _position(self, prefix: str, h: jax.Array) -> jax.Array | None:
         """The position embedding of the attention layers named `prefix`, [H*W, C]."""
@@ -127,7 +133,10 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, self.base_channels)
         emb = part.Dense(emb_dim, dtype=self.dtype, name="time_in")(emb)
         emb = part.Dense(emb_dim, dtype=self.dtype, name="time_out")(nn.silu(emb))
-        emb = emb + part.Dense(emb_dim, dtype=self.dtype, name="pooled_proj")(text_pooled)
+        if self.pooled_text:
+            emb = emb + part.Dense(emb_dim, dtype=self.dtype, name="pooled_proj")(text_pooled)
+        elif text_seq is None:
+            raise ValueError("pooled_text=False with no text_seq leaves the UNet no text")
         res_block = functools.partial(
             rematerialise.block(ResBlock, self.remat), dropout=self.dropout, dtype=self.dtype
         )

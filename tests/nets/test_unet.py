@@ -157,6 +157,27 @@ def test_without_text_sequence() -> None:
     assert out.shape == inputs["x"].shape
 
 
+def test_without_pooled_text() -> None:
+    """`pooled_text=False`: no pooled projection, the pooled vector changes nothing, the
+    token sequence still does; without a sequence too, the UNet refuses."""
+    model = UNet(channel_mults=MULTS, pooled_text=False, **TINY)
+    inputs = _inputs()
+    params = model.init(KEY(0), **inputs, train=False)["params"]
+    with_pooled = functools.partial(UNet(channel_mults=MULTS, **TINY).init, train=False)
+    assert "pooled_proj" in jax.eval_shape(with_pooled, KEY(0), **inputs)["params"]
+    assert "pooled_proj" not in params
+    variables = {"params": _perturb(params)}
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    base = np.asarray(apply(variables, **inputs))
+    pooled = np.asarray(apply(variables, **{**inputs, "text_pooled": -inputs["text_pooled"]}))
+    seq = np.asarray(apply(variables, **{**inputs, "text_seq": -inputs["text_seq"]}))
+    assert np.abs(base).max() > 0
+    np.testing.assert_array_equal(pooled, base)
+    assert np.abs(seq - base).max() > 1e-3
+    with pytest.raises(ValueError, match="no text"):
+        model.init(KEY(0), **{**inputs, "text_seq": None}, train=False)
+
+
 def test_resblock_dropout_only_in_training() -> None:
     block = ResBlock(8, dropout=0.5)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 4)), jnp.float32)
