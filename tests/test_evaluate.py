@@ -100,6 +100,23 @@ def test_metrics_cover_both_splits_and_references(evaluated):
         assert real["probe_fd"] is not None and real["probe_fd"] < gen["probe_fd"]
         # A 2-step generator is far from the real images of the captions.
         assert real["attribute_accuracy"]["color"] > gen["attribute_accuracy"]["color"]
+        for m in (gen, real):
+            check_by_objects(m, split["count"])
+
+
+def check_by_objects(measured: dict, count: int) -> None:
+    """The one- and two-object accuracies partition the split: their counts add up to it,
+    each attribute's count-weighted mean is its accuracy over the split, and each subset
+    has only the attributes its captions name (position: one object; relation: two)."""
+    whole, by = measured["attribute_accuracy"], measured["attribute_accuracy_by_objects"]
+    assert set(by) <= {"1", "2"} and sum(s["count"] for s in by.values()) == count
+    for key in ("num_objects", "shape", "color", "size", "caption"):
+        mixed = sum(s[key] * s["count"] for s in by.values()) / count
+        assert mixed == pytest.approx(whole[key], abs=1e-12), key
+    if "1" in by:
+        assert "position" in by["1"] and "relation" not in by["1"]
+    if "2" in by:
+        assert "relation" in by["2"] and "position" not in by["2"]
 
 
 def test_grids_and_report_section(evaluated):
@@ -116,6 +133,11 @@ def test_grids_and_report_section(evaluated):
     assert row.split("|")[2].strip() == f"{value:.3f}"
     assert "| probe_fd (lower is better) |" in text
     assert "| contrastive_fd (lower is better) |" in text
+    by = metrics["splits"]["validation"]["generated"]["attribute_accuracy_by_objects"]
+    for n, subset in by.items():
+        label = f"| attribute accuracy, {n}-object scenes: color |"
+        row = next(line for line in text.splitlines() if line.startswith(label))
+        assert row.split("|")[2].strip() == f"{subset['color']:.3f}"
     # Without Inception weights: no FID, KID, IS or precision/recall, in the file or the table.
     assert metrics["inception"] is None
     assert not {"fid", "kid", "inception_score", "precision"} & set(

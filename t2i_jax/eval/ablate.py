@@ -149,6 +149,7 @@ EVAL_COLUMNS = (
     ("val colour", "validation", ("attribute_accuracy", "color")),
     ("val shape", "validation", ("attribute_accuracy", "shape")),
     ("val position", "validation", ("attribute_accuracy", "position")),
+    ("val 2-object colour", "validation", ("attribute_accuracy_by_objects", "2", "color")),
     ("val R-precision", "validation", ("r_precision",)),
     ("val CLIP-style", "validation", ("clip_score",)),
     ("val probe_fd", "validation", ("probe_fd",)),

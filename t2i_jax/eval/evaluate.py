@@ -124,12 +124,16 @@ def measure(
     the distances to `reference` (None: those are None or left out)."""
     out: dict = {}
     if features.probe is not None:
-        acc = alignment.attribute_accuracy()
-        mask = alignment.named_attributes(examples.attributes)
-        preds = features.probe_preds
-        accuracy = acc.compute(acc.update(acc.init(), preds, examples.attributes, mask))
+        accuracy = _attribute_accuracy(features.probe_preds, examples.attributes)
         accuracy.pop("count")
-        out["attribute_accuracy"] = {k: v for k, v in accuracy.items() if not math.isnan(v)}
+        out["attribute_accuracy"] = accuracy
+        # One- and two-object scenes apart: a model can draw every single object right and
+        # still give two objects one colour (attribute binding), which the totals blur.
+        objects = np.asarray(examples.attributes["num_objects"]).reshape(-1)
+        out["attribute_accuracy_by_objects"] = {
+            str(n): _attribute_accuracy(features.probe_preds, examples.attributes, objects == n)
+            for n in sorted(set(objects.tolist()))
+        }
         out["probe_fd"] = None if reference is None else _frechet(features.probe, reference.probe)
     img_emb = features.contrastive
     rp = alignment.r_precision(
@@ -165,6 +169,18 @@ def measure(
                 reference.pool, features.pool, k=min(3, n - 1)
             )
     return out
+
+
+def _attribute_accuracy(preds: dict, attributes: dict, rows: np.ndarray | None = None) -> dict:
+    """The probe's attribute accuracies (those some caption names) and the example count,
+    over `rows` (bool [N]; default all)."""
+    if rows is not None:
+        preds = {k: np.asarray(v)[rows] for k, v in preds.items()}
+        attributes = {k: np.asarray(v)[rows] for k, v in attributes.items()}
+    acc = alignment.attribute_accuracy()
+    mask = alignment.named_attributes(attributes)
+    accuracy = acc.compute(acc.update(acc.init(), preds, attributes, mask))
+    return {k: v for k, v in accuracy.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def _frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -306,6 +322,8 @@ def evaluate_run(
 
 PROTOCOL = {
     "attribute_accuracy": "probe's attributes vs those the caption names (t2i_shapes)",
+    "attribute_accuracy_by_objects": "the same over the one- and the two-object scenes apart, "
+    "with their counts",
     "probe_fd": "Frechet distance in the attribute probe's feature space, generated vs real "
     "images of the same examples",
     "contrastive_fd": "Frechet distance in the contrastive encoder's image space, generated "
@@ -325,6 +343,8 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+# The report's rows of the one- and two-object accuracies (metrics.json has them all).
+BY_OBJECTS_KEYS = ("color", "shape", "size", "caption")
 ROWS = (  # (metrics key, label); a row shows when the first split's generated column has it
     ("probe_fd", "probe_fd (lower is better)"),
     ("contrastive_fd", "contrastive_fd (lower is better)"),
@@ -370,6 +390,17 @@ def _report_lines(metrics: dict) -> list[str]:
             for kind in ("generated", "real")
         ]
         rows.append([f"attribute accuracy: {label}"] + [_fmt(c) for c in cells])
+    for n, subset in first["real"].get("attribute_accuracy_by_objects", {}).items():
+        for key in (k for k in BY_OBJECTS_KEYS if k in subset):
+            label = "whole caption" if key == "caption" else key
+            cells = [
+                splits[s][kind]["attribute_accuracy_by_objects"].get(n, {}).get(key)
+                for s in splits
+                for kind in ("generated", "real")
+            ]
+            rows.append(
+                [f"attribute accuracy, {n}-object scenes: {label}"] + [_fmt(c) for c in cells]
+            )
     for key, label in ROWS:
         if key in first["generated"]:
             cells = [splits[s][kind].get(key) for s in splits for kind in ("generated", "real")]
