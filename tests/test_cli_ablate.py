@@ -13,7 +13,9 @@ import pytest
 from helpers import EXPERIMENT, check_eval_r_precision, run_cli
 from PIL import Image
 
+from t2i_jax import config as config_lib
 from t2i_jax.data import sources
+from t2i_jax.errors import ConfigError
 from t2i_jax.eval import ablate
 from t2i_jax.text.bow import TfidfStats, fit_tfidf
 from t2i_jax.text.tokenizer import Tokenizer
@@ -211,3 +213,19 @@ def test_bad_sweeps_fail_before_training(tmp_path, data_dir, sweep_text, message
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not workdir.exists()  # Nothing was trained, not even the first (valid) run.
+
+
+def test_a_key_added_to_the_experiment_since_a_run_started(tmp_path):
+    """An existing run whose saved config lacks a key the experiment has gained is the same
+    run, unless the sweep entry or the command line sets that key; a changed key that the
+    run has is another run."""
+    config = config_lib.load_config(f"{EXPERIMENT}:test")
+    saved = config.to_dict()
+    del saved["model"]["pooled_text"]  # as written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    ablate.check_existing_run(str(tmp_path), config, "old")  # no error
+    with pytest.raises(ConfigError, match=r"other settings \(model.pooled_text\)"):
+        ablate.check_existing_run(str(tmp_path), config, "old", {"model.pooled_text"})
+    config.text.width += 8
+    with pytest.raises(ConfigError, match=r"other settings \(text.width\)"):
+        ablate.check_existing_run(str(tmp_path), config, "old")

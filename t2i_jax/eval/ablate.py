@@ -126,15 +126,25 @@ def final_losses(records: list[dict], curves: tuple[str, ...]) -> dict[str, floa
     return out
 
 
-def check_existing_run(run_dir: str, config: ml_collections.ConfigDict, name: str) -> None:
-    """An existing run directory continues only the same run (train.steps may grow)."""
+def check_existing_run(
+    run_dir: str, config: ml_collections.ConfigDict, name: str, chosen: set[str] = frozenset()
+) -> None:
+    """An existing run directory continues only the same run (train.steps may grow).
+
+    A key the run's saved config lacks was added to the experiment since the run started.
+    New options default to what runs did before them (runs are loaded with `.get(key,
+    old behaviour)`), so such a key counts as a change only where `chosen` (the keys the
+    sweep entry and the command line set) names it."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         saved = config_lib.flatten(config_lib.from_json(f.read()))
     wanted = config_lib.flatten(config)
-    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    added = {k for k in wanted.keys() - saved.keys() if k not in chosen}
+    changed = sorted(
+        k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k) and k not in added
+    )
     others = [k for k in changed if k != "train.steps"]
     if others:
         raise ConfigError(
@@ -353,8 +363,11 @@ def run_sweep(
             raise ConfigError(f"--runs: no entry {unknown} in {spec}; its entries: {list(configs)}")
         configs = {name: c for name, c in configs.items() if name in only}
     jobs = [(name, s) for s in (seeds or (None,)) for name in configs]
+    overridden = {o.partition("=")[0] for o in overrides}
     for name, s in jobs:
-        check_existing_run(run_dir(workdir, name, s), job_config(configs[name], workdir, s), name)
+        chosen = set(sweep["runs"][name]) | overridden
+        config = job_config(configs[name], workdir, s)
+        check_existing_run(run_dir(workdir, name, s), config, name, chosen)
     os.makedirs(workdir, exist_ok=True)
     done: dict[str, list[dict]] = {name: [] for name in configs}
     results: dict[str, dict] = {}
