@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -248,7 +250,7 @@ class Checkpointer:
         """Restores the state (and the iterator in place); a bad checkpoint is one line."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+            items["data"] = grain.PyGrainCheckpointRestore(_LegacySourceRepr(data_iterator))
         where = os.path.join(self.directory, str(step))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -262,6 +264,33 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+# Iterators over cached text features were saved, before their source had a stable repr,
+# with the wrapper's address ("<...WithIndex object at 0x...>"), which no other process
+# matches. Such a checkpoint restores into a loader over a WithIndex source; grain still
+# checks the sampler (record count, shuffle seed) and the worker count.
+_ADDRESS_REPR = re.compile(r"<t2i_jax\.train\.input_pipeline\.WithIndex object at 0x[0-9a-f]+>")
+
+
+class _LegacySourceRepr:
+    """The data iterator for grain's restore, reading old checkpoints' source reprs."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def set_state(self, state: bytes) -> None:
+        saved = json.loads(state)
+        current = json.loads(self.iterator.get_state())["data_source"]
+        if _ADDRESS_REPR.fullmatch(saved.get("data_source", "")) and current.startswith(
+            "WithIndex("
+        ):
+            state = json.dumps({**saved, "data_source": current}).encode()
+        self.iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self.iterator, "start_prefetch"):
+            self.iterator.start_prefetch()
 
 
 def _first_line(e: Exception) -> str:

@@ -35,6 +35,11 @@ class WithIndex:
     def __getitem__(self, index: int) -> dict:
         return {**self.source[index], "index": index}
 
+    def __repr__(self) -> str:
+        # grain checks a restored iterator's source by its repr: one without the object's
+        # address, so another process (a resumed run) can restore the checkpoint.
+        return f"WithIndex({self.source!r})"
+
 
 class DrawCaption(grain.RandomMapTransform):
     """One of the record's captions ("captions": COCO's five per image), drawn per step.

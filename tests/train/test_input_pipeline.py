@@ -1,8 +1,11 @@
+import json
+
 import grain.python as grain
 import jax
 import numpy as np
 import pytest
 
+from t2i_jax import checkpoint
 from t2i_jax.data import sources
 from t2i_jax.errors import DataError
 from t2i_jax.text.tokenizer import prepare_tokenizer
@@ -79,6 +82,41 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
         assert set(x) == set(y)
         for key in x:
             np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=key)
+
+
+class IndexFeatures:
+    """A text feature cache of `num_examples` records: each record's feature is its index."""
+
+    directory = "index-features"
+
+    def __init__(self, num_examples: int):
+        self.num_examples = num_examples
+
+    def features(self, index: int) -> dict:
+        return {"text_pooled": np.full((4,), index, np.float32)}
+
+
+def test_cached_features_iterator_restores_in_another_process(parts):
+    """Over cached features the source's repr (grain's check on restore) has no object
+    address, so another process restores the state; a state saved with the address (before
+    the repr) restores through the checkpoint's reader into such a loader, not another."""
+    source = parts[0]
+    first = iter(loader(parts, features=IndexFeatures(len(source))))
+    for _ in range(3):
+        next(first)
+    state = json.loads(first.get_state())
+    assert state["data_source"] == f"WithIndex({source!r})" and "0x" not in repr(source)
+    want = next(first)["text_pooled"]
+    state["data_source"] = "<t2i_jax.train.input_pipeline.WithIndex object at 0x7f9abcc3aa90>"
+    legacy = json.dumps(state).encode()
+    again = iter(loader(parts, features=IndexFeatures(len(source))))
+    with pytest.raises(ValueError, match="DataSource in checkpoint does not match"):
+        again.set_state(legacy)
+    checkpoint._LegacySourceRepr(again).set_state(legacy)
+    np.testing.assert_array_equal(next(again)["text_pooled"], want)
+    without_features = iter(loader(parts))
+    with pytest.raises(ValueError, match="DataSource in checkpoint does not match"):
+        checkpoint._LegacySourceRepr(without_features).set_state(legacy)
 
 
 @pytest.mark.xfail(
