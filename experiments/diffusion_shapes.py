@@ -82,8 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # sample's place follows its starting noise and positions came out at chance
         # (0.10); shifted, 0.94 (experiments/sweeps/positions.py, README).
         c.diffusion.schedule_shift = 4.0
-        # The frozen, pretrained all-MiniLM-L6-v2 (its features cached: no cost a step)
-        # instead of a transformer learned from scratch: whole caption 0.45 -> 0.64,
+        # The frozen, pretrained all-MiniLM-L6-v2 (features cached; a step encodes only the
+        # empty caption of caption dropout) instead of a transformer learned from scratch:
+        # whole caption 0.45 -> 0.64,
         # R-precision 0.76 -> 0.86 (experiments/sweeps/demo_targets.py, README).
         c.text.encoder = "bert"
     elif variant == "full":

@@ -7,8 +7,8 @@ frozen all-MiniLM-L6-v2 text encoder):
   transformer   the demo before this sweep: a 2-layer transformer learned from scratch with
                 the UNet (the positions sweep's `shift_4`)
   bert          `text.encoder=bert`, the run that made the frozen, pretrained
-                all-MiniLM-L6-v2 (features cached: no cost a step) the demo's encoder; its
-                config equals `demo`'s now
+                all-MiniLM-L6-v2 the demo's encoder (features cached: a step encodes only
+                the empty caption); its config equals `demo`'s now
   shift_2       SNR / 4 instead of / 16: more of training at the high SNR that draws
                 shapes and cleans the background, less at the low SNR that places objects
   min_snr_5     Min-SNR-5 loss weighting (Hang et al.: faster convergence)
