@@ -21,6 +21,13 @@ frozen all-MiniLM-L6-v2 text encoder):
                 reaches every pixel alike, so it names the caption's colours without
                 binding them to objects; the caption then arrives through cross-attention
                 only, read per pixel
+  bert_sincos   a fixed 2-D sin-cos embedding added to the queries of every attention
+                layer: for "X above Y" a query must know it is in the upper object to read
+                X's words rather than Y's (on the unshifted demo it did not help position)
+  bert_coords   the pixel's row and column as two more input channels (CoordConv): place
+                known to every layer, not only to attention
+  bert_heads1   one attention head instead of four: 32 and 64 dimensions a head at 16x16
+                and 8x8 instead of 8 and 16, to tell one object's words from the other's
 
   t2i ablate --sweep experiments/sweeps/demo_targets.py --workdir runs/demo_targets --eval
   t2i ablate --sweep experiments/sweeps/demo_targets.py --workdir runs/demo_targets --eval \
@@ -40,6 +47,9 @@ RUNS = {
     "bert_cross32": {"text.encoder": "bert", "model.cross_attention_resolutions": (32, 16, 8)},
     "bert_attn16": {"text.encoder": "bert", "model.attention_resolutions": (16, 8)},
     "no_pooled": {"model.pooled_text": False},
+    "bert_sincos": {"text.encoder": "bert", "model.position_embedding": "sincos"},
+    "bert_coords": {"text.encoder": "bert", "model.coord_channels": True},
+    "bert_heads1": {"text.encoder": "bert", "model.num_heads": 1},
 }
 
 

@@ -22,14 +22,22 @@ from t2i_jax.text.setup import TextContext
 from t2i_jax.text.tokenizer import CaptionTokenizer
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes of one training batch (the batch contract)."""
+def batch_spec(
+    config: ml_collections.ConfigDict,
+    text_features: dict[str, jax.ShapeDtypeStruct] | None = None,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one training batch (the batch contract). `text_features`: a frozen
+    encoder's cached features per example ("text_pooled", "text_seq"; `FeatureCache.
+    example_spec`), which the batch then carries too."""
     size, batch = config.data.image_size, config.train.batch_size
-    return {
+    spec = {
         "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
         "tokens": jax.ShapeDtypeStruct((batch, config.text.max_len), jnp.int32),
         "mask": jax.ShapeDtypeStruct((batch, config.text.max_len), jnp.bool_),
     }
+    for name, example in (text_features or {}).items():
+        spec[name] = jax.ShapeDtypeStruct((batch, *example.shape), example.dtype)
+    return spec
 
 
 def abstract_state(method: Method, config: ml_collections.ConfigDict, mesh, frozen: Frozen):

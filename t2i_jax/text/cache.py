@@ -88,6 +88,14 @@ class FeatureCache:
                 raise DataError(f"text feature cache {self.directory} is unreadable: {e}") from e
         return self._arrays
 
+    def example_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes and dtypes `features` gives per example (the batch's extra entries)."""
+        arrays = self._open()
+        spec = {"text_pooled": arrays["pooled"]}
+        if self.has_seq:
+            spec["text_seq"] = arrays["seq"]
+        return {k: jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for k, a in spec.items()}
+
     def features(self, index: int) -> dict[str, np.ndarray]:
         """{"text_pooled": [D], "text_seq": [L, D] if the encoder has a sequence} of example."""
         arrays = self._open()

@@ -223,12 +223,17 @@ def compile_functions(
     )
 
 
-def train_step_flops(method: Method, fns: TrainFunctions, config) -> float:
+def train_step_flops(
+    method: Method, fns: TrainFunctions, config, text_features: dict | None = None
+) -> float:
     """FLOPs of one train step, all devices (XLA's cost analysis of the lowered step:
     tracing is shared with the first call, nothing extra is compiled). The cost analysis
     counts a loop's body once, so a step accumulating K microbatches is counted as the
-    one-batch step it equals (lowered, not compiled, once more)."""
-    batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
+    one-batch step it equals (lowered, not compiled, once more). `text_features`: the
+    per-example spec of the cached features the run's batches carry (the step then reads
+    them instead of running the frozen encoder on the batch's tokens)."""
+    spec = batch_spec(config, text_features)
+    batch = sharding.abstract_with_sharding(spec, fns.batch_sharding)
     key = jax.random.key(0)
     step_fn = fns.step_fn
     if method.microbatches > 1:
@@ -238,9 +243,11 @@ def train_step_flops(method: Method, fns: TrainFunctions, config) -> float:
     return throughput.step_flops(step_fn.lower(fns.abstract_state, batch, key, fns.frozen))
 
 
-def _throughput_meter(method: Method, fns: TrainFunctions, config, mesh) -> throughput.Throughput:
-    """FLOPs of one step and the device's peak."""
-    flops = train_step_flops(method, fns, config)
+def _throughput_meter(
+    method: Method, fns: TrainFunctions, config, mesh, text_features: dict | None
+) -> throughput.Throughput:
+    """FLOPs of one step (of the batches the run reads) and the device's peak."""
+    flops = train_step_flops(method, fns, config, text_features)
     peak, source = throughput.device_peak(mesh.devices.flat[0])
     log.info("train step: %.4g FLOPs; device peak %.4g FLOP/s (%s)", flops, peak, source)
     return throughput.Throughput(config.train.batch_size, flops, mesh.size, peak)
@@ -330,6 +337,7 @@ def _train(
     probe_setup = time.monotonic() - probe_setup
     if primary:
         _write_config(config, workdir)
+    feature_cache = _text_feature_cache(config, builder, text)
     loader = input_pipeline.make_loader(
         builder.as_data_source("train"),
         tokenizer,
@@ -338,7 +346,7 @@ def _train(
         seed=rng.stream_seed(config.seed, "data"),
         worker_count=config.data.workers,
         name=f"{config.data.name}/train",
-        features=_text_feature_cache(config, builder, text),
+        features=feature_cache,
         several_captions=sources.has_several_captions(builder),
         random_flip=config.data.get("random_flip", False),
     )
@@ -431,7 +439,9 @@ def _train(
             dynamic_ncols=True,
             desc="train",
         )
-        meter = _throughput_meter(method, fns, config, mesh)
+        meter = _throughput_meter(
+            method, fns, config, mesh, feature_cache and feature_cache.example_spec()
+        )
         pending = None  # (step, metrics) of a dispatched step whose skip flag is unread
         with _StopOnSignal() as stop:
             while step < total:

@@ -20,6 +20,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from t2i_jax import config as config_lib
@@ -112,6 +113,27 @@ class LoweredStep:
     platform: str
 
 
+def cached_feature_spec(
+    config: ml_collections.ConfigDict, text: TextSetup
+) -> dict[str, jax.ShapeDtypeStruct] | None:
+    """What a run's batches carry per example from the text feature cache (a frozen encoder
+    with `text.cache_features`, as over one caption per image), from `jax.eval_shape` of
+    the encoder; None when the step runs the encoder on the batch's tokens."""
+    if not (text.frozen and config.text.get("cache_features", True)):
+        return None
+    tokens = jax.ShapeDtypeStruct((1, text.max_len), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, text.max_len), jnp.bool_)
+    feats, _ = jax.eval_shape(
+        lambda t, m: text.encoder.init_with_output(jax.random.key(0), t, m, train=False),
+        tokens,
+        mask,
+    )
+    spec = {"text_pooled": feats.pooled}
+    if feats.seq is not None:
+        spec["text_seq"] = feats.seq
+    return {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in spec.items()}
+
+
 def lower_train_step(
     config: ml_collections.ConfigDict, text: TextSetup, devices=None
 ) -> LoweredStep:
@@ -124,12 +146,13 @@ def lower_train_step(
     method = registry.build_method(config, text)
     mesh = sharding.make_mesh(devices, config)
     fns = loop.compile_functions(method, config, mesh, method.frozen_shapes())
-    batch = sharding.abstract_with_sharding(batch_spec(config), fns.batch_sharding)
+    features = cached_feature_spec(config, text)
+    batch = sharding.abstract_with_sharding(batch_spec(config, features), fns.batch_sharding)
     lowered = fns.step_fn.lower(fns.abstract_state, batch, jax.random.key(0), fns.frozen)
     if method.microbatches == 1:
         flops = throughput.step_flops(lowered)
     else:  # the cost analysis counts a loop's body once
-        flops = loop.train_step_flops(method, fns, config)
+        flops = loop.train_step_flops(method, fns, config, features)
     return LoweredStep(
         lowered=lowered,
         parameters=sum(x.size for x in jax.tree.leaves(fns.abstract_state.params)),

@@ -188,3 +188,45 @@ def test_pipeline_attaches_each_examples_cached_features(frozen_runs, tmp_path):
     np.testing.assert_allclose(batch["text_pooled"], feats.pooled, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(batch["text_seq"], feats.seq, rtol=1e-5, atol=1e-5)
     assert len({bytes(row) for row in np.asarray(batch["tokens"])}) > 8  # varied captions
+
+
+def test_step_flops_are_counted_on_the_batches_a_cached_run_reads(frozen_runs, tmp_path):
+    """A cached run's step reads the batch's features and encodes only the empty caption, so
+    its FLOPs (the metrics' MFU, `t2i compile`) are counted on the batch it reads: the
+    uncached step's less the frozen encoder's forward on all but one caption."""
+    from t2i_jax.runs.loading import batch_spec
+    from t2i_jax.train import input_pipeline as pipeline
+    from t2i_jax.train import preflight
+
+    _, _, config, cache = frozen_runs
+    builder = sources.load_builder(config.data.name, config.data.dir, config.data.variant)
+    text = build_text(config, TextContext(str(tmp_path), builder, config.seed))
+    assert cache.example_spec() == preflight.cached_feature_spec(config, text)
+    loader = pipeline.make_loader(
+        builder.as_data_source("train"),
+        text.tokenizer,
+        global_batch_size=config.train.batch_size,
+        max_len=config.text.max_len,
+        seed=0,
+        features=cache,
+    )
+    batch = next(iter(loader))
+    spec = batch_spec(config, cache.example_spec())
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        k: (v.shape, v.dtype) for k, v in spec.items()
+    }
+
+    def encoder_flops(rows: int) -> float:
+        tokens = jax.ShapeDtypeStruct((rows, text.max_len), np.int32)
+        mask = jax.ShapeDtypeStruct((rows, text.max_len), np.bool_)
+        apply = jax.jit(lambda p, t, m: text.encoder.apply({"params": p}, t, m))
+        return apply.lower(text.pretrained, tokens, mask).cost_analysis()["flops"]
+
+    cached = preflight.lower_train_step(config, text, ONE_DEVICE).flops
+    config = config.copy_and_resolve_references()
+    config.text.cache_features = False
+    uncached = preflight.lower_train_step(config, text, ONE_DEVICE).flops
+    saved = encoder_flops(config.train.batch_size) - encoder_flops(1)
+    # XLA counts the two steps' selects of dropped captions differently (tokens against
+    # features): a few elementwise FLOPs per feature, far below the encoder's matmuls.
+    np.testing.assert_allclose(uncached - cached, saved, rtol=0.02)
