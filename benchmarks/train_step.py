@@ -12,7 +12,8 @@ memory per device (XLA's memory analysis: arguments, outputs and temporaries) an
 MFU: the step's FLOPs per second over the device's dense peak (train/throughput.py: a
 table for accelerators, the float32 matmul peak measured here for a CPU).
 The text side (tokenizer, fitted or pretrained encoder) is built as a run builds it, from
-the config's data set (prepared on first use) in a temporary workdir.
+the config's data set (prepared on first use) in a temporary workdir; a frozen encoder
+with `text.cache_features` gets random features in the batch, as a run reads its cache.
 """
 
 from __future__ import annotations
@@ -33,18 +34,24 @@ from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import loop, throughput
+from t2i_jax.train import loop, preflight, throughput
 
 
-def random_batch(config, vocab_size: int) -> dict:
+def random_batch(config, vocab_size: int, text_features: dict | None = None) -> dict:
+    """Random images and captions; with `text_features` (a frozen encoder whose features a
+    run reads from its cache) random features of those shapes too, as the run's batches."""
     b, size, length = config.train.batch_size, config.data.image_size, config.text.max_len
-    k1, k2 = jax.random.split(jax.random.key(0))
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     mask = jnp.arange(length)[None] < (jnp.arange(b) % (length - 1) + 1)[:, None]
-    return {
+    batch = {
         "image": jax.random.uniform(k1, (b, size, size, 3), minval=-1, maxval=1),
         "tokens": jnp.where(mask, jax.random.randint(k2, (b, length), 3, vocab_size), 0),
         "mask": mask,
     }
+    for i, (name, spec) in enumerate(sorted((text_features or {}).items())):
+        shape = (b, *spec.shape)
+        batch[name] = jax.random.normal(jax.random.fold_in(k3, i), shape, spec.dtype)
+    return batch
 
 
 def measure(config, steps: int) -> dict:
@@ -57,11 +64,14 @@ def measure(config, steps: int) -> dict:
     mesh = sharding.make_mesh(config=config)
     fns = loop.compile_functions(method, config, mesh, method.load_frozen())
     state = fns.init(jax.random.key(0))
-    batch = jax.device_put(random_batch(config, text.vocab_size), fns.batch_sharding)
+    features = preflight.cached_feature_spec(config, text)
+    batch = random_batch(config, text.vocab_size, features)
+    batch = jax.device_put(batch, fns.batch_sharding)
     key = jax.random.key(1)
 
     lowered = fns.step_fn.lower(state, batch, key, fns.frozen)
-    flops = loop.train_step_flops(method, fns, config)  # all devices; K microbatches: all K
+    # All devices; K microbatches: all K.
+    flops = loop.train_step_flops(method, fns, config, features)
     memory = lowered.compile().memory_analysis()
     per_device = sum(
         getattr(memory, f, 0) or 0
