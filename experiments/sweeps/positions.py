@@ -4,7 +4,8 @@ Convolutions are translation-equivariant and attention without a position embedd
 permutation-equivariant, so the UNet can tell where a pixel is only from its convolutions'
 zero padding. Each run adds one way of telling it (nets/unet.py), nothing else changed:
 
-  none          the demo as it was: the unshifted cosine schedule
+  none          the demo as it was: the unshifted cosine schedule (and, in every run, the
+                transformer text encoder and no position embedding, as the demo had then)
   sincos        fixed 2-D sin-cos embedding added to the tokens of every attention layer
   shift_4       the noise schedule's SNR / 16: a 32x32 image at the SNR the 8x8 latents of
                 latent diffusion (which follows positions) see (schedules.shift_snr); the
@@ -24,12 +25,15 @@ import os
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "diffusion_shapes.py")
 
-# Every run but shift_4 on the unshifted schedule, the demo's before this sweep chose 4.
-UNSHIFTED = {"diffusion.schedule_shift": 1.0}
+# The demo as this sweep found it: the transformer text encoder, no position embedding
+# (the demo's choices since: experiments/sweeps/demo_targets.py), and every run but
+# shift_4 on the unshifted schedule, the demo's before this sweep chose 4.
+BEFORE = {"text.encoder": "transformer", "model.position_embedding": "none"}
+UNSHIFTED = {**BEFORE, "diffusion.schedule_shift": 1.0}
 RUNS = {
     "none": {**UNSHIFTED},
     "sincos": {**UNSHIFTED, "model.position_embedding": "sincos"},
-    "shift_4": {"diffusion.schedule_shift": 4.0},
+    "shift_4": {**BEFORE, "diffusion.schedule_shift": 4.0},
     "coords": {**UNSHIFTED, "model.coord_channels": True},
     "learned": {**UNSHIFTED, "model.position_embedding": "learned"},
     "cross_8_only": {**UNSHIFTED, "model.cross_attention_resolutions": (8,)},
