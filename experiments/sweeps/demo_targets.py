@@ -22,9 +22,10 @@ made the sin-cos embedding the demo's default, so `demo` equals it now:
                 reaches every pixel alike, so it names the caption's colours without
                 binding them to objects; the caption then arrives through cross-attention
                 only, read per pixel
-  bert_sincos   a fixed 2-D sin-cos embedding added to the queries of every attention
-                layer: for "X above Y" a query must know it is in the upper object to read
-                X's words rather than Y's (on the unshifted demo it did not help position);
+  bert_sincos   a fixed 2-D sin-cos embedding added to the image tokens of every attention
+                layer (cross-attention's queries): for "X above Y" a query must know it
+                is in the upper object to read X's words rather than Y's (on the
+                unshifted demo it did not help position);
                 two-object colour 0.65 -> 0.91: the demo's default since
   bert_coords   the pixel's row and column as two more input channels (CoordConv): place
                 known to every layer, not only to attention

@@ -113,9 +113,15 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         os.replace(tmp, path)
 
 
+def reads_cached_features(config, text: TextSetup) -> bool:
+    """Whether a run's batches carry its frozen encoder's cached features (over data sets with
+    one caption per image; with several, the step encodes the drawn caption)."""
+    return text.frozen and config.text.get("cache_features", True)
+
+
 def _text_feature_cache(config, builder, text: TextSetup, split: str = "train"):
     """The frozen encoder's features of `split`, built once per data set and encoder."""
-    if not (text.frozen and config.text.get("cache_features", True)):
+    if not reads_cached_features(config, text):
         return None
     if sources.has_several_captions(builder):  # the caption is drawn per step
         print(

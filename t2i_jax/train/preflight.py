@@ -119,7 +119,7 @@ def cached_feature_spec(
     """What a run's batches carry per example from the text feature cache (a frozen encoder
     with `text.cache_features`, as over one caption per image), from `jax.eval_shape` of
     the encoder; None when the step runs the encoder on the batch's tokens."""
-    if not (text.frozen and config.text.get("cache_features", True)):
+    if not loop.reads_cached_features(config, text):
         return None
     tokens = jax.ShapeDtypeStruct((1, text.max_len), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, text.max_len), jnp.bool_)
