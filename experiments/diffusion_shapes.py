@@ -13,6 +13,7 @@ Variants (`--config experiments/diffusion_shapes.py:VARIANT`):
 import ml_collections
 
 from t2i_jax import presets
+from t2i_jax.methods import samplers
 
 PROMPTS = presets.SHAPES_PROMPTS
 
@@ -46,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.sampler = "ddim"  # ddim | ddpm | euler | heun | dpmpp_2m (methods/samplers.py)
     c.diffusion.sample_steps = 50
     c.diffusion.eta = 0.0
+    # Euler and Heun start at Karras et al.'s sigma 80, not at the schedule's last step's
+    # (8e4 at shift 4), where most of a few-step budget would go (methods/samplers.py).
+    c.diffusion.sigma_max = samplers.EDM_SIGMA_MAX
     c.diffusion.guidance = 3.0
     c.diffusion.clip_denoised = True
     # Training options, all off (0 / False) by default (methods/diffusion.py, schedules.py):

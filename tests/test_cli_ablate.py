@@ -153,7 +153,7 @@ def test_a_resumed_sweep_reuses_a_current_evaluation(tmp_path):
     from t2i_jax import config as config_lib
 
     config = config_lib.load_config(f"{EXPERIMENT}:test")
-    options = {"guidance": 3.0, "steps": 4, "sampler": "ddim", "eta": 0.0}
+    options = {"guidance": 3.0, "steps": 4, "sampler": "ddim", "eta": 0.0, "sigma_max": 80.0}
     assert options["steps"] == config.diffusion.sample_steps
     (tmp_path / "eval").mkdir()
     for step, num, changed, current in [
@@ -166,6 +166,18 @@ def test_a_resumed_sweep_reuses_a_current_evaluation(tmp_path):
         (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
         found = ablate.current_eval(str(tmp_path), config, 6, num=8, seed=0)
         assert (found == metrics) if current else found is None
+    # A record from before `sigma_max` was an option: sampled from the schedule's largest
+    # sigma. That is DDIM's sample whatever sigma_max says; Heun's only for a config that
+    # predates the option too.
+    older = {k: v for k, v in options.items() if k != "sigma_max"}
+    for sampler, current in [("ddim", True), ("heun", False)]:
+        config.diffusion.sampler = sampler
+        metrics = {"step": 6, "num": 8, "seed": 0, "sample_options": {**older, "sampler": sampler}}
+        (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        found = ablate.current_eval(str(tmp_path), config, 6, num=8, seed=0)
+        assert (found == metrics) if current else found is None
+    del config.diffusion["sigma_max"]
+    assert ablate.current_eval(str(tmp_path), config, 6, num=8, seed=0) == metrics
 
 
 def test_a_run_can_use_an_earlier_runs_directory(tmp_path):

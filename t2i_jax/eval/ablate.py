@@ -309,9 +309,13 @@ def current_eval(
         return None
     with open(where) as f:
         metrics = json.load(f)
-    options = registry.method_class(config.method).sample_defaults(config)
-    same = (metrics.get(k) for k in ("step", "num", "seed", "sample_options"))
-    return metrics if tuple(same) == (step, num, seed, options) else None
+    method = registry.method_class(config.method)
+    recorded = method.recorded_options(metrics.get("sample_options") or {})
+    same = (metrics.get("step"), metrics.get("num"), metrics.get("seed"))
+    alike = method.options_in_effect(recorded) == method.options_in_effect(
+        method.sample_defaults(config)
+    )
+    return metrics if same == (step, num, seed) and alike else None
 
 
 def run_dir(workdir: str, name: str, seed: int | None) -> str:

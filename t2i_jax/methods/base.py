@@ -339,6 +339,19 @@ class Method:
         return {o.name: o.default(config) for o in cls.sample_options}
 
     @classmethod
+    def recorded_options(cls, recorded: dict[str, Any]) -> dict[str, Any]:
+        """Sample options as an older record gives them: an option declared since (one
+        with an `absent` value) takes what the record's sampling did without it."""
+        added = {o.name: o.absent for o in cls.sample_options if o.absent is not None}
+        return {**{k: v for k, v in added.items() if k not in recorded}, **recorded}
+
+    @classmethod
+    def options_in_effect(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options that change what `sample` draws with these values (a family drops
+        those its chosen sampler ignores): two records sampled alike when these match."""
+        return dict(options)
+
+    @classmethod
     def check_sample_options(cls, options: dict[str, Any]) -> None:
         """One-line errors for an option the family does not take or a value off its
         choices."""

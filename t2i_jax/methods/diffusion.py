@@ -62,7 +62,21 @@ class Diffusion(Method):
             samplers.SAMPLERS,
         ),
         SampleOption("eta", float, "DDIM's eta (0: deterministic)", "diffusion.eta"),
+        SampleOption(
+            "sigma_max",
+            float,
+            "euler and heun start from this Karras sigma (0: the schedule's largest)",
+            "diffusion.sigma_max",
+            absent=0.0,  # what runs did before the option
+        ),
     )
+
+    @classmethod
+    def options_in_effect(cls, options: dict) -> dict:
+        """sigma_max moves only the Karras samplers' first sigma."""
+        if options.get("sampler") in samplers.KARRAS:
+            return dict(options)
+        return {k: v for k, v in options.items() if k != "sigma_max"}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -71,7 +85,7 @@ class Diffusion(Method):
             raise ConfigError(
                 f"unknown diffusion.sampler '{dc.sampler}'; choose {samplers.SAMPLERS}"
             )
-        for key in ("min_snr_gamma", "offset_noise", "input_perturbation"):
+        for key in ("min_snr_gamma", "offset_noise", "input_perturbation", "sigma_max"):
             if dc.get(key, 0.0) < 0:
                 raise ConfigError(f"diffusion.{key} must be >= 0 (0: off), got {dc[key]}")
         if dc.get("zero_terminal_snr", False) and dc.prediction != "v":
@@ -218,6 +232,7 @@ class Diffusion(Method):
         steps: int | None = None,
         sampler: str | None = None,
         eta: float | None = None,
+        sigma_max: float | None = None,
     ) -> jax.Array:
         """Images in [-1, 1]; guidance w: eps_uncond + w (eps_cond - eps_uncond)."""
         dc = self.dc
@@ -225,6 +240,7 @@ class Diffusion(Method):
         steps = dc.sample_steps if steps is None else steps
         sampler = dc.sampler if sampler is None else sampler
         eta = dc.eta if eta is None else eta
+        sigma_max = dc.get("sigma_max", 0.0) if sigma_max is None else sigma_max
         feats = self.guided_features(params, captions, frozen, guidance)
         denoise = self.guided_denoiser(params, feats, guidance)
         batch = captions["tokens"].shape[0]
@@ -240,6 +256,7 @@ class Diffusion(Method):
             sampler=sampler,
             eta=eta,
             clip_denoised=dc.clip_denoised,
+            sigma_max=sigma_max,
         )
         return self.finish(frozen, x0)
 
