@@ -310,6 +310,7 @@ def _train(args, overrides: list[str]) -> int:
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
+    multihost.split_cpu(config.mesh.get("cpu_devices", 0))  # before anything runs JAX
     config_lib.validate(config)
     multihost.initialize(
         distributed=args.distributed,

@@ -124,6 +124,10 @@ def mesh() -> ml_collections.ConfigDict:
     m.fsdp = 1
     m.tensor = 1  # reserved: tensor parallelism is not implemented
     m.min_shard_size = 2**14  # smaller tensors stay replicated
+    # On the CPU backend, how many devices `t2i train` splits the host into (0: JAX's one):
+    # XLA runs small convolutions on few threads each, so two data-parallel devices keep two
+    # cores busier than one device does (benchmarks/RESULTS.md). Other backends ignore it.
+    m.cpu_devices = 0
     return m
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from t2i_jax import config as config_lib
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import registry
+from t2i_jax.train import multihost
 from t2i_jax.train.logging import last_perf, read_metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.C
         except ConfigError as e:
             raise ConfigError(f"sweep run '{name}': {e}") from None
         config_lib.apply_overrides(config, overrides)
+        # The runs share this process, hence its CPU devices: set before JAX starts (the
+        # checks below may run JAX).
+        cpu_devices = config.mesh.get("cpu_devices", 0)
+        if not configs:
+            multihost.split_cpu(cpu_devices)
+        elif cpu_devices != next(iter(configs.values())).mesh.get("cpu_devices", 0):
+            raise ConfigError(f"sweep run '{name}': its mesh.cpu_devices differs from the others'")
         config_lib.validate(config)
         if not _refs(keys):
             registry.check_names(config)

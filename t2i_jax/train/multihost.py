@@ -37,6 +37,22 @@ def detected_cluster() -> str | None:
     return None
 
 
+def split_cpu(devices: int) -> None:
+    """Splits the CPU backend into `devices` devices (0: leave JAX's default); other
+    backends ignore it. Must run before anything touches a device."""
+    if devices < 0:
+        raise UserError(f"mesh.cpu_devices must be >= 0 (0: JAX's default), got {devices}")
+    if devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", devices)
+        except RuntimeError as e:  # JAX started already (a Python session, not the CLI)
+            if len(jax.devices("cpu")) != devices:
+                raise UserError(
+                    f"mesh.cpu_devices={devices}: JAX started already with "
+                    f"{len(jax.devices('cpu'))} CPU devices ({e})"
+                ) from e
+
+
 def initialize(
     *,
     distributed: bool = False,
