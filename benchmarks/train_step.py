@@ -6,11 +6,13 @@ to a float32 matmul peak measured in the same run on the same devices.
       [--remat none|blocks|full] [--config.KEY=VALUE ...]
 
 Random batches of the config's shapes; the whole mesh of local devices, as in training
-(`--mesh` sets the config's mesh sizes; simulate 8 CPU devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=8). Also prints the compiled step's
-memory per device (XLA's memory analysis: arguments, outputs and temporaries) and its
-MFU: the step's FLOPs per second over the device's dense peak (train/throughput.py: a
-table for accelerators, the float32 matmul peak measured here for a CPU).
+(`--mesh` sets the config's mesh sizes; the config's `mesh.cpu_devices` splits the CPU as
+`t2i train` does, the demo's into 2; simulate 8 CPU devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and `--config.mesh.cpu_devices=0`).
+Also prints the compiled step's memory per device (XLA's memory analysis: arguments,
+outputs and temporaries) and its MFU: the step's FLOPs per second over the device's dense
+peak (train/throughput.py: a table for accelerators, the float32 matmul peak measured here
+for a CPU).
 The text side (tokenizer, fitted or pretrained encoder) is built as a run builds it, from
 the config's data set (prepared on first use) in a temporary workdir; a frozen encoder
 with `text.cache_features` gets random features in the batch, as a run reads its cache.
@@ -34,7 +36,7 @@ from t2i_jax.data import sources
 from t2i_jax.methods import registry
 from t2i_jax.text.encoders import build_text
 from t2i_jax.text.setup import TextContext
-from t2i_jax.train import loop, preflight, throughput
+from t2i_jax.train import loop, multihost, preflight, throughput
 
 
 def random_batch(config, vocab_size: int, text_features: dict | None = None) -> dict:
@@ -119,6 +121,8 @@ def main() -> None:
         if value is not None:
             overrides.append(f"train.{key}={value}")
     config_lib.apply_overrides(config, overrides + mesh_overrides)
+    # As `t2i train` does, before JAX starts (`--config.mesh.cpu_devices=0`: one device).
+    multihost.split_cpu(config.mesh.get("cpu_devices", 0))
 
     m = measure(config, args.steps)
     step_time, flops, mesh = m["step_time"], m["flops"], m["mesh"]

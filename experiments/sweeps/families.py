@@ -7,7 +7,8 @@ evaluation. Run it over seeds, so the table gives each measure as mean ± std:
 Latent diffusion trains on the latents of the sweep's own text-free VAE (`ldm_vae`, the
 same seed); that VAE is a stage, not a text-to-image model, so its alignment row reads
 chance. Each demo keeps its own steps, batch and text encoder (the ones its experiment
-chose for a 2-core CPU); `--config.KEY=VALUE` still applies to every run.
+chose for a 2-core CPU); `--config.KEY=VALUE` still applies to every run. The runs share
+one process, hence its CPU devices: every demo takes the diffusion demo's two.
 """
 
 import os
@@ -18,7 +19,7 @@ EXPERIMENTS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__fi
 def get_sweep(arg: str | None = None) -> dict:
     variant = arg or "demo"
     base = lambda name: f"{os.path.join(EXPERIMENTS, name)}:{variant}"  # noqa: E731
-    return {
+    sweep = {
         "runs": {
             "diffusion": {"base": base("diffusion_shapes.py")},
             "ldm_vae": {
@@ -37,3 +38,6 @@ def get_sweep(arg: str | None = None) -> dict:
             "vqvae": {"base": base("vqvae_shapes.py")},
         }
     }
+    split = {"mesh.cpu_devices": 2 if variant == "demo" else 0}
+    sweep["runs"] = {name: {**keys, **split} for name, keys in sweep["runs"].items()}
+    return sweep

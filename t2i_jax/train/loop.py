@@ -310,6 +310,7 @@ def train_and_evaluate(
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir is not a directory: {workdir}")
     mesh = sharding.make_mesh(devices, config)
+    log.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
     shards = sharding.batch_shards(mesh)
     if config.train.batch_size % shards:  # before anything is written
         raise ConfigError(

@@ -13,6 +13,7 @@ waiting in a collective for ever.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -20,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from t2i_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Seconds without a heartbeat after which a peer counts as dead (jax's default is 100).
 DEFAULT_HEARTBEAT_TIMEOUT = 60
@@ -37,20 +40,27 @@ def detected_cluster() -> str | None:
     return None
 
 
-def split_cpu(devices: int) -> None:
+def split_cpu(devices: int) -> bool:
     """Splits the CPU backend into `devices` devices (0: leave JAX's default); other
-    backends ignore it. Must run before anything touches a device."""
+    backends ignore it. Returns whether the CPU has that many devices now. The t2i
+    commands call it before anything runs JAX; in a Python session where JAX has started
+    it can no longer act, and says so (the run then uses the devices there are)."""
     if devices < 0:
         raise UserError(f"mesh.cpu_devices must be >= 0 (0: JAX's default), got {devices}")
-    if devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", devices)
-        except RuntimeError as e:  # JAX started already (a Python session, not the CLI)
-            if len(jax.devices("cpu")) != devices:
-                raise UserError(
-                    f"mesh.cpu_devices={devices}: JAX started already with "
-                    f"{len(jax.devices('cpu'))} CPU devices ({e})"
-                ) from e
+    if not devices:
+        return True
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+        return True
+    except RuntimeError:  # JAX has started
+        have = len(jax.devices("cpu"))
+        if have != devices:
+            log.warning(
+                "mesh.cpu_devices=%d not applied: JAX started with %d CPU devices already",
+                devices,
+                have,
+            )
+        return have == devices
 
 
 def initialize(
