@@ -122,7 +122,7 @@ def main() -> None:
             overrides.append(f"train.{key}={value}")
     config_lib.apply_overrides(config, overrides + mesh_overrides)
     # As `t2i train` does, before JAX starts (`--config.mesh.cpu_devices=0`: one device).
-    multihost.split_cpu(config.mesh.get("cpu_devices", 0))
+    multihost.split_cpu(sharding.mesh_config(config).cpu_devices)
 
     m = measure(config, args.steps)
     step_time, flops, mesh = m["step_time"], m["flops"], m["mesh"]

@@ -304,13 +304,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args, overrides: list[str]) -> int:
     from t2i_jax import config as config_lib
+    from t2i_jax import sharding
     from t2i_jax.eval.training_probe import make_training_probe
     from t2i_jax.train import multihost
     from t2i_jax.train.loop import Preempted, train_and_evaluate
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    multihost.split_cpu(config.mesh.get("cpu_devices", 0))  # before anything runs JAX
+    multihost.split_cpu(sharding.mesh_config(config).cpu_devices)  # before anything runs JAX
     config_lib.validate(config)
     multihost.initialize(
         distributed=args.distributed,

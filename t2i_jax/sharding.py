@@ -49,7 +49,7 @@ def mesh_config(config: ml_collections.ConfigDict | None) -> ml_collections.Conf
     """The config's `mesh` section, or the default (all devices on `data`) for configs
     and runs from before it existed."""
     default = ml_collections.ConfigDict(
-        {"data": -1, "fsdp": 1, "tensor": 1, "min_shard_size": MIN_SHARD_SIZE}
+        {"data": -1, "fsdp": 1, "tensor": 1, "min_shard_size": MIN_SHARD_SIZE, "cpu_devices": 0}
     )
     if config is None or "mesh" not in config:
         return default

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from t2i_jax import config as config_lib
+from t2i_jax import sharding
 from t2i_jax.errors import ConfigError
 from t2i_jax.methods import registry
 from t2i_jax.train import multihost
@@ -96,10 +97,10 @@ def run_configs(sweep: dict, overrides: list[str]) -> dict[str, ml_collections.C
         config_lib.apply_overrides(config, overrides)
         # The runs share this process, hence its CPU devices: set before JAX starts (the
         # checks below may run JAX).
-        cpu_devices = config.mesh.get("cpu_devices", 0)
+        cpu_devices = sharding.mesh_config(config).cpu_devices
         if not configs:
             multihost.split_cpu(cpu_devices)
-        elif cpu_devices != next(iter(configs.values())).mesh.get("cpu_devices", 0):
+        elif cpu_devices != sharding.mesh_config(next(iter(configs.values()))).cpu_devices:
             raise ConfigError(f"sweep run '{name}': its mesh.cpu_devices differs from the others'")
         config_lib.validate(config)
         if not _refs(keys):

@@ -43,3 +43,19 @@ def test_t2i_train_splits_the_cpu_as_its_config_says(tmp_path, data_dir):
     out = run_cli(*args, "--config.mesh.cpu_devices=2")
     assert out.returncode == 0, out.stderr
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 cpu devices" in out.stderr
+
+
+def test_configs_without_the_key_or_the_mesh_section_keep_jax_s_devices():
+    """Runs and hand-written configs from before `mesh.cpu_devices` (or any mesh section)
+    take 0: JAX's own devices."""
+    from helpers import EXPERIMENT
+
+    from t2i_jax import config as config_lib
+    from t2i_jax import sharding
+
+    config = config_lib.load_config(f"{EXPERIMENT}:test")
+    del config.mesh["cpu_devices"]
+    assert sharding.mesh_config(config).cpu_devices == 0
+    del config["mesh"]
+    assert sharding.mesh_config(config).cpu_devices == 0
+    assert sharding.mesh_config(config_lib.load_config(f"{EXPERIMENT}:demo")).cpu_devices == 2
