@@ -104,7 +104,7 @@ CASES = [
     Case("checkpoint: of another method", _sample("a red circle", workdir="{root}/vae_ckpt_run"), "checkpoint {root}/vae_ckpt_run/checkpoints/0 holds another model than this run's config builds (419 arrays vs 859; shapes only there: [(1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 16)], only in the config: [(1, 1, 16, 32), (1, 1, 16, 32), (1, 1, 16, 32)]): was the config or the method changed?"),
     Case("checkpoint: of another image size", _sample("a red circle", workdir="{root}/size_run"), "checkpoint {root}/size_run/checkpoints/1 is of a run with image_size=32, the run's config has 64: checkpoints copied from another run?"),
     Case("eval: missing workdir", ("eval", "--workdir", "{root}/nope"), "workdir not found: {root}/nope"),
-    Case("eval: an option of another family", ("eval", "--workdir", "{root}/run", "--truncation", "0.5"), "--truncation does not apply to a diffusion run; its sample options: --guidance --steps --sampler --eta"),
+    Case("eval: an option of another family", ("eval", "--workdir", "{root}/run", "--truncation", "0.5"), "--truncation does not apply to a diffusion run; its sample options: --guidance --steps --sampler --eta --sigma-max"),
     Case("eval: --num 1", ("eval", "--workdir", "{root}/run", "--num", "1"), "evaluation needs at least 2 captions per split, got num=1"),
     Case("sample: an option of another family", _sample("a red circle", workdir="{root}/vae", extra=("--guidance", "3")), "--guidance does not apply to a vae run; its sample options: --temperature"),
     Case("reconstruct: an unknown split", ("reconstruct", "--workdir", "{root}/vae", "--split", "tarin", "--out", "{root}/out/r.png"), "unknown split 'tarin'; choose from ['compositional', 'test', 'train', 'validation']"),
