@@ -97,8 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Two-object colour 0.65 -> 0.91, whole caption 0.64 -> 0.82
         # (experiments/sweeps/demo_targets.py `bert_sincos`, README).
         c.model.position_embedding = "sincos"
-        # Two data-parallel CPU devices, 16 images each: 0.34 s a step against 0.47-0.52 on
-        # one device (benchmarks/RESULTS.md); GPU and TPU runs ignore the key.
+        # Two data-parallel CPU devices, 16 images each: 0.33-0.35 s a step against 0.41-0.57
+        # on one device (benchmarks/RESULTS.md); GPU and TPU runs ignore the key.
         c.mesh.cpu_devices = 2
     elif variant == "full":
         # 64 -> 32 -> 16 -> 8; self-attention at 16 and 8, cross-attention at 32 too.

@@ -13,6 +13,9 @@ one process, hence its CPU devices: every demo takes the diffusion demo's two.
 
 import os
 
+from t2i_jax import config as config_lib
+from t2i_jax import sharding
+
 EXPERIMENTS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
@@ -38,6 +41,7 @@ def get_sweep(arg: str | None = None) -> dict:
             "vqvae": {"base": base("vqvae_shapes.py")},
         }
     }
-    split = {"mesh.cpu_devices": 2 if variant == "demo" else 0}
+    diffusion = config_lib.load_config(sweep["runs"]["diffusion"]["base"])
+    split = {"mesh.cpu_devices": sharding.mesh_config(diffusion).cpu_devices}
     sweep["runs"] = {name: {**keys, **split} for name, keys in sweep["runs"].items()}
     return sweep
