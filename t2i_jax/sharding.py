@@ -162,6 +162,20 @@ def abstract_with_sharding(tree, sharding):
     )
 
 
+def rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+    """Where `rows` rows of a batch computed on `mesh` go: split over the batch axes when
+    they divide `rows` (each device samples its part), else whole on every device."""
+    return batch_sharding(mesh) if rows % batch_shards(mesh) == 0 else replicated(mesh)
+
+
+def put_global(tree, where: NamedSharding):
+    """numpy arrays that every process holds whole -> global arrays placed as `where`
+    (each process fills its own devices' parts; also across processes)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, where, lambda index: x[index]), tree
+    )
+
+
 def to_host(tree):
     """numpy copies of (possibly sharded, possibly multi-process) arrays: whole values on
     every process."""

@@ -73,14 +73,13 @@ def generate(
     divisible by the mesh's batch shards, the batch is split over the devices.
     """
     mesh = sharding.mesh_of(params) or sharding.make_mesh()  # the run's (maybe FSDP) mesh
-    split = batch_size % sharding.batch_shards(mesh) == 0
-    where = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+    where = sharding.rows_sharding(mesh, batch_size)
     out = []
     # Rows are encoded one caption at a time, so padding the encoded rows with the last one
     # equals encoding the last caption again.
     batches = padded_batches(tokenizer.encode(captions, max_len), batch_size, fill="edge")
     for b, (_, (tokens, mask), n) in enumerate(batches):
-        text = jax.device_put({"tokens": tokens, "mask": mask}, where)
+        text = sharding.put_global({"tokens": tokens, "mask": mask}, where)
         images = sampler(params, text, jax.random.fold_in(key, b), frozen)
         out.append(to_uint8(sharding.to_host(images))[:n])
     return np.concatenate(out)

@@ -35,10 +35,15 @@ def sample_images(
     rng: jax.Array,
     max_len: int,
 ) -> np.ndarray:
-    """uint8 [P, per_prompt, H, W, 3]: every prompt repeated per_prompt times, one batch."""
+    """uint8 [P, per_prompt, H, W, 3]: every prompt repeated per_prompt times, one batch,
+    split over the devices of the parameters' mesh when they divide it (the random draws do
+    not depend on the split: JAX's partitionable threefry)."""
     captions = [p for p in prompts for _ in range(per_prompt)]
     tokens, mask = tokenizer.encode(captions, max_len)
-    # numpy inputs: jit treats them as replicated, also across processes.
-    images = sampler(params, {"tokens": tokens, "mask": mask}, rng, frozen)
+    mesh = sharding.mesh_of(params)
+    text = {"tokens": tokens, "mask": mask}
+    if mesh is not None:
+        text = sharding.put_global(text, sharding.rows_sharding(mesh, len(captions)))
+    images = sampler(params, text, rng, frozen)
     images = to_uint8(sharding.to_host(images))
     return images.reshape((len(prompts), per_prompt) + images.shape[1:])
