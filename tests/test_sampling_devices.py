@@ -38,8 +38,8 @@ def grid(diffusion, devices, per_prompt: int, sampler) -> np.ndarray:
     )
 
 
-def test_each_device_samples_its_rows_and_the_images_are_one_devices(diffusion):
-    _, method, _ = diffusion
+def recorded_sampler(method):
+    """(the sampler, the sampler recording where its captions lie, those placements)."""
     sampler = make_sampler(method)
     calls = []
 
@@ -47,6 +47,12 @@ def test_each_device_samples_its_rows_and_the_images_are_one_devices(diffusion):
         calls.append(text["tokens"].sharding)
         return sampler(params, text, key, frozen)
 
+    return sampler, recording, calls
+
+
+def test_each_device_samples_its_rows_and_the_images_are_one_devices(diffusion):
+    _, method, _ = diffusion
+    sampler, recording, calls = recorded_sampler(method)
     devices = jax.devices()[:4]
     split = grid(diffusion, devices, per_prompt=2, sampler=recording)  # 4 rows on 4 devices
     spec = calls[-1].spec
@@ -61,13 +67,7 @@ def test_each_device_samples_its_rows_and_the_images_are_one_devices(diffusion):
 
 def test_rows_that_do_not_divide_the_devices_are_sampled_whole_on_each(diffusion):
     _, method, _ = diffusion
-    sampler = make_sampler(method)
-    calls = []
-
-    def recording(params, text, key, frozen):
-        calls.append(text["tokens"].sharding)
-        return sampler(params, text, key, frozen)
-
+    sampler, recording, calls = recorded_sampler(method)
     odd = grid(diffusion, jax.devices()[:4], per_prompt=3, sampler=recording)  # 6 rows, 4 devices
     assert calls[-1].is_fully_replicated
     one = grid(diffusion, jax.devices()[:1], per_prompt=3, sampler=sampler)
