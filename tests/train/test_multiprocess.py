@@ -13,7 +13,8 @@ import time
 
 import jax
 import numpy as np
-from helpers import TEST_XLA_FLAGS, run_cli, start_cli, train_args
+from helpers import TEST_XLA_FLAGS, grid_size, run_cli, start_cli, train_args
+from PIL import Image
 
 from t2i_jax import config as config_lib
 from t2i_jax import rng, sharding
@@ -143,8 +144,9 @@ def test_two_processes_train_as_one_stop_together_and_a_dead_peer_ends_the_other
     (One run for all three: each launch of two processes costs most of a minute here.)"""
     assert len(jax.devices()) == 8
     workdir = tmp_path / "run"
+    # 2 prompts x 2: the grid's 4 rows are split over the 4 devices of the 2 processes.
     long = ("--config.train.steps=1000", "--config.train.checkpoint_every=5",
-            "--config.train.sample_every=4")  # fmt: skip
+            "--config.train.sample_every=4", "--config.sample.per_prompt=2")  # fmt: skip
     procs = start_pair(workdir, data_dir, *long)
     wait_for_checkpoint(procs, workdir, 5)
     procs[1].send_signal(signal.SIGTERM)
@@ -162,7 +164,8 @@ def test_two_processes_train_as_one_stop_together_and_a_dead_peer_ends_the_other
     ]
     positions = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert positions[0] != positions[1]  # Different shards of the records.
-    assert (workdir / "samples" / "step_4.png").is_file()
+    with Image.open(workdir / "samples" / "step_4.png") as grid:  # 2 rows of 2
+        assert grid.size == grid_size(prompts=2, per_prompt=2, image_size=32, caption_lines=2)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     logged = [row["step"] for row in rows]
     assert logged == list(range(2, step + 1, 2))  # once each: process 0 alone writes
