@@ -241,3 +241,19 @@ def test_a_key_added_to_the_experiment_since_a_run_started(tmp_path):
     config.text.width += 8
     with pytest.raises(ConfigError, match=r"other settings \(text.width\)"):
         ablate.check_existing_run(str(tmp_path), config, "old")
+
+
+def test_one_seed_has_no_std_and_its_cell_is_its_value():
+    """A partial seeded sweep: an entry with one seed done shows its value and n = 1, not a
+    "± 0.000" that was never measured; two seeds show their sample std."""
+    entries = [{"final": {"loss": v}, "minutes": 2.0, "eval": None} for v in (1.0, 3.0)]
+    one, two = ablate.summarise(entries[:1]), ablate.summarise(entries)
+    assert one["final loss"] == {"mean": 1.0, "std": None, "n": 1, "values": [1.0]}
+    assert two["final loss"]["std"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
+    results = {
+        "a": {"changes": {}, "steps": 5, "summary": one},
+        "b": {"changes": {}, "steps": 5, "summary": two},
+    }
+    rows = ablate.results_table(results, seeded=True)[2:]
+    assert rows[0] == "| a | - | 5 | 1 | 2.0 | 1.000 |"
+    assert rows[1] == f"| b | - | 5 | 2 | 2.0 | 2.000 ± {np.std([1.0, 3.0], ddof=1):.3f} |"

@@ -201,7 +201,9 @@ def run_metrics(entry: dict) -> dict[str, float]:
 
 
 def summarise(entries: list[dict]) -> dict[str, dict]:
-    """Each metric over the runs of one sweep entry (one per seed): mean, std, n, values."""
+    """Each metric over the runs of one sweep entry (one per seed): mean, std, n, values.
+    One run has no sample std: None, not 0, so a partial sweep's table does not show a
+    spread that was never measured."""
     per_run = [run_metrics(e) for e in entries]
     labels = list(dict.fromkeys(k for m in per_run for k in m))
     summary = {}
@@ -209,7 +211,7 @@ def summarise(entries: list[dict]) -> dict[str, dict]:
         values = [m[label] for m in per_run if label in m]
         summary[label] = {
             "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
             "n": len(values),
             "values": values,
         }
@@ -219,7 +221,9 @@ def summarise(entries: list[dict]) -> dict[str, dict]:
 def _cell(stats: dict | None, seeded: bool) -> str:
     if stats is None:
         return "-"
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if seeded else f"{stats['mean']:.3f}"
+    if not seeded or stats["std"] is None:  # one run: its value (n says so)
+        return f"{stats['mean']:.3f}"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
 
 def results_table(results: dict[str, dict], *, seeded: bool = False) -> list[str]:
@@ -271,7 +275,7 @@ def plot_results(results: dict[str, dict], path: str, title: str) -> None:
     for ax, label in zip(axes.flat, labels, strict=False):
         stats = [results[n]["summary"].get(label) for n in names]
         means = [s["mean"] if s else np.nan for s in stats]
-        stds = [s["std"] if s else 0.0 for s in stats]
+        stds = [s["std"] if s and s["std"] is not None else 0.0 for s in stats]
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(label, fontsize=8)
