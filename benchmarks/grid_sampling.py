@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import tempfile
 
 import jax
-from sampling import interleaved_medians
+from sampling import build_method, interleaved_medians
 
 from t2i_jax import config as config_lib
 from t2i_jax import sharding
 from t2i_jax.cli import _split_config_overrides
-from t2i_jax.data import sources
-from t2i_jax.methods import registry
 from t2i_jax.runs.sampling import make_sampler
-from t2i_jax.text.encoders import build_text
-from t2i_jax.text.setup import TextContext
 from t2i_jax.train import multihost, throughput
 
 
@@ -44,10 +39,7 @@ def main() -> None:
     mesh = sharding.make_mesh()
     print(f"{platform.node()}: {len(jax.devices())} x {jax.devices()[0].device_kind}, "
           f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")  # fmt: skip
-    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    with tempfile.TemporaryDirectory() as workdir:
-        text = build_text(config, TextContext(workdir, builder, config.seed))
-    method = registry.build_method(config, text)
+    method, text = build_method(config)
     frozen = jax.device_put(method.load_frozen(), sharding.replicated(mesh))
     captions = [p for p in config.sample.prompts for _ in range(config.sample.per_prompt)]
     tokens, mask = text.tokenizer.encode(captions, config.text.max_len)

@@ -49,6 +49,15 @@ def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def build_method(config):
+    """(the config's method, its text side), built as a run builds them, from the config's
+    data set (prepared on first use), in a temporary workdir."""
+    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
+    with tempfile.TemporaryDirectory() as workdir:
+        text = build_text(config, TextContext(workdir, builder, config.seed))
+    return registry.build_method(config, text), text
+
+
 def network_calls(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
@@ -69,10 +78,7 @@ def main() -> None:
     peak, source = throughput.device_peak(jax.devices()[0])
     print(f"{platform.node()}: {jax.devices()[0].device_kind}, peak {peak / 1e9:.0f} GFLOP/s "
           f"({source})")  # fmt: skip
-    builder = sources.prepare(config.data.name, config.data.dir, config.data.variant)
-    with tempfile.TemporaryDirectory() as workdir:
-        text = build_text(config, TextContext(workdir, builder, config.seed))
-    method = registry.build_method(config, text)
+    method, text = build_method(config)
     frozen = method.load_frozen()
     length = config.text.max_len
     tokens = jax.random.randint(jax.random.key(0), (args.batch, length), 3, text.vocab_size)
