@@ -140,6 +140,26 @@ def test_sweep_over_seeds_reports_mean_and_std(tmp_path, evaluators_trained):
         assert f" {stats['mean']:.3f} ± {stats['std']:.3f} |" in row
     with Image.open(workdir / "results.png") as chart:
         assert chart.format == "PNG" and min(chart.size) > 100
+
+    # Called again with a third seed, the sweep tables the two finished runs before it
+    # trains anything (here the training is cut short): a stopped sweep's table keeps
+    # every run an earlier call finished.
+    overrides = [a.removeprefix("--config.") for a in args if a.startswith("--config.")]
+    (workdir / "results.json").unlink()
+    (workdir / "results.md").unlink()
+
+    def stopped(config, path, **kwargs):
+        raise KeyboardInterrupt(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("t2i_jax.train.loop.train_and_evaluate", stopped)
+        with pytest.raises(KeyboardInterrupt, match="seed_2"):
+            ablate.run_sweep(str(sweep), str(workdir), overrides, evaluate=True, num=8,
+                             seeds=(0, 1, 2), show_progress=False)  # fmt: skip
+    again = json.loads((workdir / "results.json").read_text())
+    assert again["seeds"] == [0, 1, 2] and again["runs"] == results["runs"]
+    assert (workdir / "results.md").read_text().replace("Seeds 0, 1, 2", "Seeds 0, 1") == table
+
     # Another setting in the same workdir is refused before anything is trained.
     changed = run_cli(*args[:-1], "--config.train.steps=2", "--config.text.width=8")
     assert changed.returncode == 2 and "holds a run with other settings (text.width)" in (

@@ -347,6 +347,58 @@ def job_config(
     return resolve_runs(config, workdir, seed)
 
 
+def run_entry(path: str, config: ml_collections.ConfigDict) -> dict:
+    """One run's record in results.json, from its log (its evaluation: None, filled in by
+    the caller)."""
+    records = read_metrics(path, perf=True)  # [] before the run's first log
+    return {
+        "workdir": path,
+        "seed": config.seed,
+        "config_sha256": config_lib.digest(config),
+        # Training's wall-clock minutes (eval/training_probe.py's time left out), as
+        # logged; None for a run from before the log had them.
+        "minutes": last_perf(records, "elapsed_min"),
+        "steps": max((m["step"] for m in records), default=0),
+        "final": final_losses(records, registry.method_class(config.method).curves),
+        "eval": None,
+    }
+
+
+def entry_is_done(
+    entry: dict, path: str, config: ml_collections.ConfigDict, *, evaluate: bool, num: int,
+    seed: int,
+) -> bool:  # fmt: skip
+    """Whether a run needs nothing more: its last step logged and checkpointed and, with
+    `evaluate`, its evaluation there current (then filled into `entry`)."""
+    total = config.train.steps
+    if entry["steps"] != total or not os.path.isdir(os.path.join(path, "checkpoints", str(total))):
+        return False
+    if evaluate:
+        entry["eval"] = current_eval(path, config, total, num=num, seed=seed)
+        return entry["eval"] is not None
+    return True
+
+
+def tabulate(sweep: dict, done: dict[str, dict], seeds: tuple[int, ...] | None) -> dict:
+    """results.json's "runs": each entry with a finished run, in the sweep's order, its
+    seeds in `seeds`' order."""
+    results = {}
+    for name, by_seed in done.items():
+        entries = [by_seed[s] for s in (seeds or (None,)) if s in by_seed]
+        if not entries:
+            continue
+        results[name] = {
+            "changes": sweep["runs"][name],
+            "steps": entries[-1]["steps"],
+            "summary": summarise(entries),
+        }
+        if seeds is None:
+            results[name].update(entries[-1])
+        else:
+            results[name]["seeds"] = {str(e["seed"]): e for e in entries}
+    return results
+
+
 def run_sweep(
     spec: str,
     workdir: str,
@@ -379,43 +431,34 @@ def run_sweep(
         if unknown:
             raise ConfigError(f"--runs: no entry {unknown} in {spec}; its entries: {list(configs)}")
         configs = {name: c for name, c in configs.items() if name in only}
-    jobs = [(name, s) for s in (seeds or (None,)) for name in configs]
+    jobs = [
+        (name, s, job_config(configs[name], workdir, s), run_dir(workdir, name, s))
+        for s in (seeds or (None,))
+        for name in configs
+    ]
     overridden = {o.partition("=")[0] for o in overrides}
-    for name, s in jobs:
-        chosen = set(sweep["runs"][name]) | overridden
-        config = job_config(configs[name], workdir, s)
-        check_existing_run(run_dir(workdir, name, s), config, name, chosen)
+    for name, _, config, path in jobs:
+        check_existing_run(path, config, name, set(sweep["runs"][name]) | overridden)
     os.makedirs(workdir, exist_ok=True)
-    done: dict[str, list[dict]] = {name: [] for name in configs}
-    results: dict[str, dict] = {}
-    for name, s in jobs:
-        config, path = job_config(configs[name], workdir, s), run_dir(workdir, name, s)
+    # Runs already trained (and evaluated) by an earlier call count from the start: the
+    # table covers every finished run, also while the first new one trains.
+    done: dict[str, dict] = {name: {} for name in configs}  # name -> {seed: entry}
+    for name, s, config, path in jobs:
+        entry = run_entry(path, config)
+        if entry_is_done(entry, path, config, evaluate=evaluate, num=num, seed=seed):
+            done[name][s] = entry
+    if any(done.values()):
+        log.info("sweep: %d of %d runs done already", sum(map(len, done.values())), len(jobs))
+        _write(workdir, spec, overrides, tabulate(sweep, done, seeds), seeds)
+    for name, s, config, path in jobs:
+        if s in done[name]:
+            continue
         log.info("sweep run %s%s -> %s", name, "" if s is None else f" seed {s}", path)
         train_and_evaluate(config, path, show_progress=show_progress, probe=make_training_probe)
-        records = read_metrics(path, perf=True)
-        entry = {
-            "workdir": path,
-            "seed": config.seed,
-            "config_sha256": config_lib.digest(config),
-            # Training's wall-clock minutes (eval/training_probe.py's time left out), as
-            # logged; None for a run from before the log had them.
-            "minutes": last_perf(records, "elapsed_min"),
-            "steps": max((m["step"] for m in records), default=0),
-            "final": final_losses(records, registry.method_class(config.method).curves),
-            "eval": None,
-        }
+        entry = run_entry(path, config)
         if evaluate:
             done_eval = current_eval(path, config, entry["steps"], num=num, seed=seed)
             entry["eval"] = done_eval or evaluate_run(path, num=num, seed=seed)
-        done[name].append(entry)
-        results[name] = {
-            "changes": sweep["runs"][name],
-            "steps": entry["steps"],
-            "summary": summarise(done[name]),
-        }
-        if seeds is None:
-            results[name].update(entry)
-        else:
-            results[name]["seeds"] = {str(e["seed"]): e for e in done[name]}
-        _write(workdir, spec, overrides, results, seeds)
-    return results
+        done[name][s] = entry
+        _write(workdir, spec, overrides, tabulate(sweep, done, seeds), seeds)
+    return tabulate(sweep, done, seeds)
