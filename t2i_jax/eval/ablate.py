@@ -4,7 +4,8 @@ A sweep file defines `get_sweep(arg) -> {"base": "experiment.py:variant", "runs"
 {dotted key: value}}}`. `run_sweep` trains each run in `<workdir>/<name>/` (resuming any
 that exist, so a stopped sweep continues where it stopped), optionally evaluates it
 (`t2i eval`), and rewrites `<workdir>/results.md`, `results.json` and the bar chart
-`results.png` after every run. With seeds, each entry runs once per seed in
+`results.png` after every run; runs finished (and evaluated) by an earlier call are
+tabled first and not revisited. With seeds, each entry runs once per seed in
 `<workdir>/<name>/seed_<k>/` and every metric is reported as mean ± std with n.
 Every run's config is built and checked (keys, types, registry names, the method's own
 section) before the first one starts, and an existing run directory must hold the same
