@@ -277,3 +277,15 @@ def test_one_seed_has_no_std_and_its_cell_is_its_value():
     rows = ablate.results_table(results, seeded=True)[2:]
     assert rows[0] == "| a | - | 5 | 1 | 2.0 | 1.000 |"
     assert rows[1] == f"| b | - | 5 | 2 | 2.0 | 2.000 ± {np.std([1.0, 3.0], ddof=1):.3f} |"
+
+
+def test_results_name_a_base_under_the_working_directory_relatively(tmp_path, monkeypatch):
+    """Sweep files give their bases absolute paths (to run from any folder); results.json
+    records one under the working directory by its relative path, so a committed record
+    names no machine's folders."""
+    monkeypatch.chdir(tmp_path)
+    inside = {"base": str(tmp_path / "experiments" / "vae.py") + ":demo", "vae.beta": 2.0}
+    assert ablate.recorded_changes(inside) == {"base": "experiments/vae.py:demo", "vae.beta": 2.0}
+    outside = {"base": "/elsewhere/vae.py:demo"}
+    assert ablate.recorded_changes(outside) == outside
+    assert ablate.recorded_changes({"vae.beta": 2.0}) == {"vae.beta": 2.0}

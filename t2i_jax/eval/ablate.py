@@ -365,19 +365,30 @@ def run_entry(path: str, config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def entry_is_done(
-    entry: dict, path: str, config: ml_collections.ConfigDict, *, evaluate: bool, num: int,
-    seed: int,
-) -> bool:  # fmt: skip
-    """Whether a run needs nothing more: its last step logged and checkpointed and, with
-    `evaluate`, its evaluation there current (then filled into `entry`)."""
-    total = config.train.steps
+def finished_entry(
+    path: str, config: ml_collections.ConfigDict, *, evaluate: bool, num: int, seed: int
+) -> dict | None:
+    """The record of a run that needs nothing more (its last step logged and checkpointed
+    and, with `evaluate`, its evaluation there current), else None."""
+    entry, total = run_entry(path, config), config.train.steps
     if entry["steps"] != total or not os.path.isdir(os.path.join(path, "checkpoints", str(total))):
-        return False
+        return None
     if evaluate:
         entry["eval"] = current_eval(path, config, total, num=num, seed=seed)
-        return entry["eval"] is not None
-    return True
+        if entry["eval"] is None:
+            return None
+    return entry
+
+
+def recorded_changes(keys: dict) -> dict:
+    """An entry's keys as results.json records them: a base experiment under the working
+    directory by its relative path (sweep files name theirs absolutely, to run from any
+    directory), so the record names no machine's folders."""
+    base = keys.get("base")
+    if not isinstance(base, str) or not os.path.isabs(base):
+        return keys
+    relative = os.path.relpath(base)
+    return {**keys, "base": base if relative.startswith("..") else relative}
 
 
 def tabulate(sweep: dict, done: dict[str, dict], seeds: tuple[int, ...] | None) -> dict:
@@ -389,7 +400,7 @@ def tabulate(sweep: dict, done: dict[str, dict], seeds: tuple[int, ...] | None) 
         if not entries:
             continue
         results[name] = {
-            "changes": sweep["runs"][name],
+            "changes": recorded_changes(sweep["runs"][name]),
             "steps": entries[-1]["steps"],
             "summary": summarise(entries),
         }
@@ -445,8 +456,8 @@ def run_sweep(
     # table covers every finished run, also while the first new one trains.
     done: dict[str, dict] = {name: {} for name in configs}  # name -> {seed: entry}
     for name, s, config, path in jobs:
-        entry = run_entry(path, config)
-        if entry_is_done(entry, path, config, evaluate=evaluate, num=num, seed=seed):
+        entry = finished_entry(path, config, evaluate=evaluate, num=num, seed=seed)
+        if entry is not None:
             done[name][s] = entry
     if any(done.values()):
         log.info("sweep: %d of %d runs done already", sum(map(len, done.values())), len(jobs))
